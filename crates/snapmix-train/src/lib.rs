@@ -1,0 +1,4 @@
+//! The SnapMix training and evaluation loop: wires a dataset pipeline, a model and a mixing
+//! method together with the optimiser, learning-rate schedule, checkpoints and metrics.
+//!
+//! This is the only library crate that depends on the others; nothing may depend on it.

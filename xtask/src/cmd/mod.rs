@@ -1,0 +1,17 @@
+//! One module per `cargo xtask` subcommand, each with its clap `Args` and a `run` function.
+
+pub mod bench_data;
+pub mod bench_labels;
+pub mod bench_mix;
+pub mod bench_train;
+pub mod data_stats;
+pub mod dist;
+pub mod eval;
+pub mod plot;
+pub mod show_mix;
+pub mod train;
+
+/// The error of a subcommand whose issue is still open: a clear failure, never fake output.
+pub fn not_implemented(name: &str) -> anyhow::Result<()> {
+    anyhow::bail!("`cargo xtask {name}` is not implemented yet")
+}

@@ -1,0 +1,70 @@
+//! `cargo xtask`: the snapmix-rs runner. A thin layer that parses flags and calls the library
+//! crates; every subcommand lives in its own module under `cmd/`.
+
+mod cmd;
+mod device;
+
+use clap::{Parser, Subcommand};
+use device::DeviceSpec;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    version,
+    about = "SnapMix fine-grained training on candle"
+)]
+struct Cli {
+    /// Where to run: cpu, cuda[:N] or metal. A GPU device rebuilds xtask with its feature.
+    #[arg(long, global = true, default_value = "cpu")]
+    device: DeviceSpec,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (default: the built-in synthetic fine-grained set, on CPU).
+    Train(cmd::train::Args),
+    /// Evaluate saved weights on a dataset's test split.
+    Eval(cmd::eval::Args),
+    /// Time CAM->SPM and mixing for every method.
+    BenchMix(cmd::bench_mix::Args),
+    /// Time the data pipeline (decode + augment) against Pillow.
+    BenchData(cmd::bench_data::Args),
+    /// Time a training step against PyTorch.
+    BenchTrain(cmd::bench_train::Args),
+    /// Measure each mixing method's label error against ground-truth part masks.
+    BenchLabels(cmd::bench_labels::Args),
+    /// Count classes and images of a dataset, optionally decoding every image.
+    DataStats(cmd::data_stats::Args),
+    /// Draw a PNG grid showing what each mixing method does to a batch.
+    ShowMix(cmd::show_mix::Args),
+    /// Plot loss and accuracy curves of one or more runs to PNG.
+    Plot(cmd::plot::Args),
+    /// Build a release binary and pack it with a run script for machines without Rust.
+    Dist(cmd::dist::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(code) = device::reinvoke_with_feature(cli.device)? {
+        std::process::exit(code);
+    }
+    let device = cli.device;
+    if !matches!(cli.command, Command::Dist(_)) {
+        // Fail at once, naming the device, rather than deep inside a subcommand.
+        device.open()?;
+    }
+    match cli.command {
+        Command::Train(args) => cmd::train::run(args, device),
+        Command::Eval(args) => cmd::eval::run(args, device),
+        Command::BenchMix(args) => cmd::bench_mix::run(args, device),
+        Command::BenchData(args) => cmd::bench_data::run(args, device),
+        Command::BenchTrain(args) => cmd::bench_train::run(args, device),
+        Command::BenchLabels(args) => cmd::bench_labels::run(args, device),
+        Command::DataStats(args) => cmd::data_stats::run(args, device),
+        Command::ShowMix(args) => cmd::show_mix::run(args, device),
+        Command::Plot(args) => cmd::plot::run(args, device),
+        Command::Dist(args) => cmd::dist::run(args, device),
+    }
+}
