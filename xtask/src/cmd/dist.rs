@@ -79,7 +79,8 @@ fn build_release(root: &Path, features: &str) -> Result<PathBuf> {
     cmd.current_dir(root)
         .args(["build", "--release", "--package", "xtask"])
         .args(["--message-format", "json-render-diagnostics"])
-        .stdout(Stdio::piped());
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     if !features.is_empty() {
         cmd.args(["--features", features]);
     }
