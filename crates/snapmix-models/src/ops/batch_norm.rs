@@ -1,0 +1,420 @@
+//! Training-mode BatchNorm (optionally followed by ReLU) as one fused candle CustomOp per
+//! direction: one pass for the batch statistics, one for the output; backward likewise.
+
+use super::cpu::{cpu_tensor, storage_f32, with_tensor_f32};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+use std::sync::{Arc, OnceLock};
+
+/// Normalises `x` (`[N, C, ...]`) with its own batch statistics per channel, scales by `gamma`
+/// and shifts by `beta` (both `[C]`), then applies ReLU when `relu` is set.
+///
+/// Returns `(output, batch_mean, batch_var)`: the statistics (`[C]`, the variance biased, i.e.
+/// divided by the N*H*W elements per channel, as used for normalising) let the caller update its
+/// running averages. They carry no gradient.
+///
+/// On the CPU with f32 tensors this is the fused custom op, which keeps only the per-channel mean
+/// and inverse standard deviation for backward (the ReLU mask is read from the output). Other
+/// devices and dtypes use composed candle ops until their path exists.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dims = BnDims::new(x.dims(), gamma.dims(), beta.dims())?;
+    if eps.is_nan() || eps <= 0.0 {
+        bail!("batch_norm_train: eps must be positive, got {eps}");
+    }
+    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 {
+        return reference(x, gamma, beta, eps, relu);
+    }
+    let x = x.contiguous()?;
+    let stats = Arc::new(OnceLock::new());
+    let op = BatchNormOp {
+        dims,
+        eps: eps as f32,
+        relu,
+        input_grad: x.track_op(),
+        stats: stats.clone(),
+    };
+    let output = x.apply_op3_arc(&gamma.contiguous()?, &beta.contiguous()?, Arc::new(Box::new(op)))?;
+    let Some(stats) = stats.get() else {
+        bail!("batch_norm_train: the forward pass left no statistics");
+    };
+    let mean = cpu_tensor(stats.mean.clone(), dims.channels)?;
+    let var = cpu_tensor(stats.var.clone(), dims.channels)?;
+    Ok((output, mean, var))
+}
+
+/// The same computation from candle's elementary ops: the reference for tests and the path for
+/// devices without a fused kernel yet.
+fn reference(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let channels = x.dim(1)?;
+    let flat = x.transpose(0, 1)?.flatten_from(1)?; // [C, N*pixels]
+    let mean = flat.mean(D::Minus1)?;
+    let centred = flat.broadcast_sub(&mean.unsqueeze(1)?)?;
+    let var = centred.sqr()?.mean(D::Minus1)?;
+    let mut stat_shape = vec![1; x.rank()];
+    stat_shape[1] = channels;
+    let normed = x
+        .broadcast_sub(&mean.reshape(stat_shape.as_slice())?)?
+        .broadcast_div(&(var.reshape(stat_shape.as_slice())? + eps)?.sqrt()?)?;
+    let out = normed
+        .broadcast_mul(&gamma.reshape(stat_shape.as_slice())?)?
+        .broadcast_add(&beta.reshape(stat_shape.as_slice())?)?;
+    let out = if relu { out.relu()? } else { out };
+    Ok((out, mean.detach(), var.detach()))
+}
+
+/// Axis sizes: `batch` images, `channels`, `pixels` per image and channel.
+#[derive(Clone, Copy, Debug)]
+struct BnDims {
+    batch: usize,
+    channels: usize,
+    pixels: usize,
+}
+
+impl BnDims {
+    fn new(x: &[usize], gamma: &[usize], beta: &[usize]) -> Result<Self> {
+        if x.len() < 2 {
+            bail!("batch_norm_train: expected an input of shape [N, C, ...], got {x:?}");
+        }
+        let channels = x[1];
+        if gamma != [channels] || beta != [channels] {
+            bail!(
+                "batch_norm_train: gamma {gamma:?} and beta {beta:?} must both be [{channels}] \
+                 for an input of shape {x:?}"
+            );
+        }
+        let dims = Self {
+            batch: x[0],
+            channels,
+            pixels: x[2..].iter().product(),
+        };
+        if dims.batch * dims.pixels < 2 {
+            bail!("batch_norm_train: need more than one value per channel, got input {x:?}");
+        }
+        Ok(dims)
+    }
+
+    /// Values per channel: N * pixels.
+    fn count(&self) -> usize {
+        self.batch * self.pixels
+    }
+}
+
+/// Per-channel batch statistics computed by the forward pass.
+struct BatchStats {
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+/// The custom op: CPU forward and backward here; `cuda_fwd` is where the CUDA path goes
+/// (issue 7). `stats` is shared with the caller, which reads the batch statistics from it.
+struct BatchNormOp {
+    dims: BnDims,
+    eps: f32,
+    relu: bool,
+    input_grad: bool,
+    stats: Arc<OnceLock<BatchStats>>,
+}
+
+impl CustomOp3 for BatchNormOp {
+    fn name(&self) -> &'static str {
+        "snapmix-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        gamma: &CpuStorage,
+        g_layout: &Layout,
+        beta: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = storage_f32(x, x_layout, "batch_norm_train input")?;
+        let gamma = storage_f32(gamma, g_layout, "batch_norm_train gamma")?;
+        let beta = storage_f32(beta, b_layout, "batch_norm_train beta")?;
+        let stats = channel_stats(&self.dims, x, self.eps);
+        let out = normalise(&self.dims, x, gamma, beta, &stats, self.relu);
+        if self.stats.set(stats).is_err() {
+            bail!("batch_norm_train: an op instance ran its forward pass twice");
+        }
+        Ok((CpuStorage::F32(out), x_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !matches!(grad_out.device(), Device::Cpu) {
+            bail!("snapmix-batch-norm: backward is not implemented for CUDA/Metal yet");
+        }
+        let Some(stats) = self.stats.get() else {
+            bail!("snapmix-batch-norm: backward before forward");
+        };
+        let grad_out = grad_out.contiguous()?;
+        let grads = with_tensor_f32(x, "batch_norm_train input", |x| {
+            with_tensor_f32(gamma, "batch_norm_train gamma", |gamma| {
+                with_tensor_f32(out, "batch_norm_train output", |out| {
+                    with_tensor_f32(&grad_out, "batch_norm_train output gradient", |grad| {
+                        Ok(backward(
+                            &self.dims,
+                            BackwardInputs {
+                                x,
+                                gamma,
+                                out,
+                                grad,
+                                stats,
+                                relu: self.relu,
+                                input_grad: self.input_grad,
+                            },
+                        ))
+                    })
+                })
+            })
+        })?;
+        let (grad_x, grad_gamma, grad_beta) = grads;
+        let grad_x = match grad_x {
+            Some(data) => Some(cpu_tensor(data, x.shape())?),
+            None => None,
+        };
+        let channels = self.dims.channels;
+        Ok((
+            grad_x,
+            Some(cpu_tensor(grad_gamma, channels)?),
+            Some(cpu_tensor(grad_beta, channels)?),
+        ))
+    }
+}
+
+/// Lanes of the f32 partial sums: wide enough to vectorise, short enough per lane to stay exact
+/// to ~1e-7 over one image row; rows are then summed in f64.
+const LANES: usize = 16;
+
+/// Sums of `f(i)` over `0..len` in LANES f32 partial sums, returned as f64.
+#[inline(always)]
+fn lane_sum(len: usize, mut f: impl FnMut(usize) -> f32) -> f64 {
+    let mut acc = [0.0f32; LANES];
+    let full = len / LANES * LANES;
+    for start in (0..full).step_by(LANES) {
+        for (lane, a) in acc.iter_mut().enumerate() {
+            *a += f(start + lane);
+        }
+    }
+    let tail: f32 = (full..len).map(&mut f).sum();
+    acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64
+}
+
+/// Mean and biased variance of each channel in one pass over `x`, shifted by the channel's
+/// first value so that the sum of squares does not cancel catastrophically.
+fn channel_stats(dims: &BnDims, x: &[f32], eps: f32) -> BatchStats {
+    let BnDims {
+        batch,
+        channels,
+        pixels,
+    } = *dims;
+    let count = dims.count() as f64;
+    let per_channel: Vec<(f32, f32)> = (0..channels)
+        .into_par_iter()
+        .map(|c| {
+            let shift = x[c * pixels];
+            let (mut sum, mut sum_sq) = (0.0f64, 0.0f64);
+            for n in 0..batch {
+                let row = &x[(n * channels + c) * pixels..][..pixels];
+                sum += lane_sum(pixels, |i| row[i] - shift);
+                sum_sq += lane_sum(pixels, |i| (row[i] - shift) * (row[i] - shift));
+            }
+            let mean_shifted = sum / count;
+            let var = (sum_sq / count - mean_shifted * mean_shifted).max(0.0);
+            ((shift as f64 + mean_shifted) as f32, var as f32)
+        })
+        .collect();
+    let (mean, var): (Vec<f32>, Vec<f32>) = per_channel.into_iter().unzip();
+    let inv_std = var.iter().map(|&v| 1.0 / (v + eps).sqrt()).collect();
+    BatchStats { mean, var, inv_std }
+}
+
+/// out = (x - mean) * inv_std * gamma + beta, then ReLU if asked.
+fn normalise(
+    dims: &BnDims,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    stats: &BatchStats,
+    relu: bool,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(dims.pixels)
+        .zip(x.par_chunks(dims.pixels))
+        .enumerate()
+        .for_each(|(i, (out_row, x_row))| {
+            let c = i % dims.channels;
+            let scale = gamma[c] * stats.inv_std[c];
+            let shift = beta[c] - stats.mean[c] * scale;
+            if relu {
+                for (o, &v) in out_row.iter_mut().zip(x_row) {
+                    *o = (v * scale + shift).max(0.0);
+                }
+            } else {
+                for (o, &v) in out_row.iter_mut().zip(x_row) {
+                    *o = v * scale + shift;
+                }
+            }
+        });
+    out
+}
+
+/// What the backward pass reads.
+struct BackwardInputs<'a> {
+    x: &'a [f32],
+    gamma: &'a [f32],
+    out: &'a [f32],
+    grad: &'a [f32],
+    stats: &'a BatchStats,
+    relu: bool,
+    input_grad: bool,
+}
+
+/// Gradients `(x, gamma, beta)`: one pass for the per-channel sums of g and g * (x - mean)
+/// (g the output gradient, zeroed where ReLU was inactive), one for the input gradient.
+fn backward(dims: &BnDims, inp: BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let BnDims {
+        batch,
+        channels,
+        pixels,
+    } = *dims;
+    let masked = |row_start: usize, i: usize| -> f32 {
+        let g = inp.grad[row_start + i];
+        if inp.relu && inp.out[row_start + i] <= 0.0 {
+            0.0
+        } else {
+            g
+        }
+    };
+    let sums: Vec<(f32, f32)> = (0..channels)
+        .into_par_iter()
+        .map(|c| {
+            let mean = inp.stats.mean[c];
+            let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
+            for n in 0..batch {
+                let start = (n * channels + c) * pixels;
+                sum_g += lane_sum(pixels, |i| masked(start, i));
+                sum_gx += lane_sum(pixels, |i| masked(start, i) * (inp.x[start + i] - mean));
+            }
+            // d beta = sum g; d gamma = sum g * x_hat = inv_std * sum g * (x - mean).
+            (sum_g as f32, (sum_gx * inp.stats.inv_std[c] as f64) as f32)
+        })
+        .collect();
+    let (grad_beta, grad_gamma): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
+    if !inp.input_grad {
+        return (None, grad_gamma, grad_beta);
+    }
+    // dx = gamma * inv_std * (g - mean(g) - x_hat * mean(g * x_hat)), written as a * g + b * x + d.
+    let count = dims.count() as f32;
+    let mut grad_x = vec![0.0f32; inp.x.len()];
+    grad_x
+        .par_chunks_mut(pixels)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let c = row % channels;
+            let start = row * pixels;
+            let inv_std = inp.stats.inv_std[c];
+            let a = inp.gamma[c] * inv_std;
+            let b = -a * inv_std * grad_gamma[c] / count;
+            let d = -a * grad_beta[c] / count - b * inp.stats.mean[c];
+            for (i, o) in dst.iter_mut().enumerate() {
+                *o = a * masked(start, i) + b * inp.x[start + i] + d;
+            }
+        });
+    (Some(grad_x), grad_gamma, grad_beta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random(rng: &mut ChaCha8Rng, dims: &[usize], offset: f32) -> Result<Tensor> {
+        let len = dims.iter().product();
+        let data: Vec<f32> = (0..len)
+            .map(|_| offset + rng.random_range(-1.0f32..1.0))
+            .collect();
+        Tensor::from_vec(data, dims, &Device::Cpu)
+    }
+
+    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
+        Ok(diff / scale.max(1e-12))
+    }
+
+    fn check(dims: &[usize], offset: f32, relu: bool) -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let channels = dims[1];
+        let x = Var::from_tensor(&random(&mut rng, dims, offset)?)?;
+        let gamma = Var::from_tensor(&random(&mut rng, &[channels], 1.0)?)?;
+        let beta = Var::from_tensor(&random(&mut rng, &[channels], 0.0)?)?;
+        let (want, want_mean, want_var) = reference(&x, &gamma, &beta, 1e-5, relu)?;
+        let (got, got_mean, got_var) = batch_norm_train(&x, &gamma, &beta, 1e-5, relu)?;
+        let what = format!("{dims:?} offset {offset} relu {relu}");
+        for (name, g, w) in [
+            ("output", &got, &want),
+            ("mean", &got_mean, &want_mean),
+            ("var", &got_var, &want_var),
+        ] {
+            let err = rel_err(g, w)?;
+            assert!(err < 1e-4, "{name} {what}: {err}");
+        }
+        let probe = random(&mut rng, dims, 0.0)?;
+        let want_grads = (want * &probe)?.sum_all()?.backward()?;
+        let got_grads = (got * &probe)?.sum_all()?.backward()?;
+        for (name, var) in [("input", &x), ("gamma", &gamma), ("beta", &beta)] {
+            let err = rel_err(
+                got_grads.get(var).expect("our gradient"),
+                want_grads.get(var).expect("reference gradient"),
+            )?;
+            assert!(err < 1e-4, "{name} gradient {what}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn matches_composed_candle_ops() -> Result<()> {
+        check(&[4, 3, 5, 7], 0.0, false)?;
+        check(&[4, 3, 5, 7], 0.0, true)?;
+        // Odd sizes leave lane tails; a large offset tests the one-pass variance.
+        check(&[3, 5, 6, 6], 50.0, false)?;
+        check(&[2, 4, 17, 3], 0.5, true)?;
+        check(&[6, 8], 0.0, false) // BatchNorm1d-shaped input
+    }
+
+    #[test]
+    fn rejects_bad_shapes_and_eps() -> Result<()> {
+        let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu)?;
+        let c3 = Tensor::ones(3, DType::F32, &Device::Cpu)?;
+        let c4 = Tensor::ones(4, DType::F32, &Device::Cpu)?;
+        let err = batch_norm_train(&x, &c4, &c3, 1e-5, false).unwrap_err();
+        assert!(err.to_string().contains("[4]"), "{err}");
+        assert!(batch_norm_train(&x, &c3, &c3, 0.0, false).is_err());
+        let single = Tensor::zeros((1, 3), DType::F32, &Device::Cpu)?;
+        assert!(batch_norm_train(&single, &c3, &c3, 1e-5, false).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,419 @@
+//! Conv2d for training as one candle CustomOp: on the CPU, im2col + GEMM forward and, in
+//! backward, a GEMM each for the weight and input gradients (col2im), parallel with rayon.
+
+use super::cpu::{cpu_tensor, matmul, storage_f32, with_tensor_f32, MatRef, Scratch};
+use candle_core::{bail, CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Convolves NCHW `x` with OIHW `weight` (no bias, no dilation, one group, the same stride and
+/// zero padding on both axes), as candle's `x.conv2d(weight, padding, stride, 1, 1)` does.
+///
+/// On the CPU with f32 tensors this runs the GEMM-based custom op, whose backward pass skips the
+/// input gradient when `x` is not trainable (neither a variable nor computed from one, e.g. the
+/// image batch). Other devices and dtypes use candle's own conv2d until their path exists.
+pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let geometry = ConvGeometry::new(x.dims(), weight.dims(), stride, padding)?;
+    let fast = matches!(x.device(), Device::Cpu) && x.dtype() == candle_core::DType::F32;
+    if !fast {
+        return x.conv2d(weight, padding, stride, 1, 1);
+    }
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    let op = Conv2dOp {
+        geometry,
+        input_grad: x.track_op(),
+    };
+    x.apply_op2_arc(&weight, Arc::new(Box::new(op)))
+}
+
+/// Shapes of one convolution. Rows/cols are the image axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ConvGeometry {
+    batch: usize,
+    in_channels: usize,
+    rows: usize,
+    cols: usize,
+    out_channels: usize,
+    kernel_rows: usize,
+    kernel_cols: usize,
+    stride: usize,
+    padding: usize,
+    out_rows: usize,
+    out_cols: usize,
+}
+
+impl ConvGeometry {
+    fn new(x_dims: &[usize], w_dims: &[usize], stride: usize, padding: usize) -> Result<Self> {
+        let (&[batch, in_channels, rows, cols], &[out_channels, w_in, kernel_rows, kernel_cols]) =
+            (x_dims, w_dims)
+        else {
+            bail!("conv2d: expected NCHW input and OIHW weight, got {x_dims:?} and {w_dims:?}");
+        };
+        if w_in != in_channels {
+            bail!("conv2d: input has {in_channels} channels but the weight {w_dims:?} expects {w_in}");
+        }
+        if stride == 0 {
+            bail!("conv2d: stride must be at least 1");
+        }
+        if rows + 2 * padding < kernel_rows || cols + 2 * padding < kernel_cols {
+            bail!(
+                "conv2d: kernel {kernel_rows}x{kernel_cols} larger than the padded input \
+                 {rows}x{cols} (padding {padding})"
+            );
+        }
+        Ok(Self {
+            batch,
+            in_channels,
+            rows,
+            cols,
+            out_channels,
+            kernel_rows,
+            kernel_cols,
+            stride,
+            padding,
+            out_rows: (rows + 2 * padding - kernel_rows) / stride + 1,
+            out_cols: (cols + 2 * padding - kernel_cols) / stride + 1,
+        })
+    }
+
+    /// Length of one im2col column: in_channels * kernel_rows * kernel_cols.
+    fn patch_len(&self) -> usize {
+        self.in_channels * self.kernel_rows * self.kernel_cols
+    }
+
+    /// Output pixels per image.
+    fn out_pixels(&self) -> usize {
+        self.out_rows * self.out_cols
+    }
+
+    /// A 1x1, stride-1, unpadded conv: the im2col matrix is the input itself, channel-major.
+    fn is_pointwise(&self) -> bool {
+        self.kernel_rows == 1 && self.kernel_cols == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.batch, self.out_channels, self.out_rows, self.out_cols))
+    }
+}
+
+/// The custom op: forward on the CPU here; `cuda_fwd` is where the CUDA path goes (issue 7).
+struct Conv2dOp {
+    geometry: ConvGeometry,
+    /// Whether backward must produce the input gradient (false for the image batch).
+    input_grad: bool,
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "snapmix-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = storage_f32(x, x_layout, "conv2d input")?;
+        let weight = storage_f32(weight, w_layout, "conv2d weight")?;
+        let out = forward(&self.geometry, x, weight)?;
+        Ok((CpuStorage::F32(out), self.geometry.out_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !matches!(grad_out.device(), Device::Cpu) {
+            bail!("snapmix-conv2d: backward is not implemented for CUDA/Metal yet");
+        }
+        let g = self.geometry;
+        let grad_out = grad_out.contiguous()?;
+        let (grad_x, grad_w) = with_tensor_f32(x, "conv2d input", |x| {
+            with_tensor_f32(weight, "conv2d weight", |weight| {
+                with_tensor_f32(&grad_out, "conv2d output gradient", |grad_out| {
+                    backward(&g, x, weight, grad_out, self.input_grad)
+                })
+            })
+        })?;
+        let grad_x = match grad_x {
+            Some(data) => Some(cpu_tensor(data, x.shape())?),
+            None => None,
+        };
+        Ok((grad_x, Some(cpu_tensor(grad_w, weight.shape())?)))
+    }
+}
+
+/// Forward: out = W [O, C*KH*KW] * col [C*KH*KW, N*P], then reordered to NCHW.
+fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
+    let (k, np) = (g.patch_len(), g.batch * g.out_pixels());
+    let mut col = Scratch::take(k * np);
+    im2col(g, x, &mut col);
+    let mut out_cm = Scratch::take(g.out_channels * np);
+    matmul(
+        &mut out_cm,
+        false,
+        MatRef::row_major(weight, g.out_channels, k),
+        MatRef::row_major(&col, k, np),
+    )?;
+    let mut out = vec![0.0; g.batch * g.out_channels * g.out_pixels()];
+    from_channel_major(&out_cm, g.batch, g.out_channels, g.out_pixels(), &mut out);
+    Ok(out)
+}
+
+/// Backward: grad_w = dY [O, N*P] * col^T, and (if wanted) grad_x = col2im(W^T * dY).
+fn backward(
+    g: &ConvGeometry,
+    x: &[f32],
+    weight: &[f32],
+    grad_out: &[f32],
+    input_grad: bool,
+) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+    let (k, np) = (g.patch_len(), g.batch * g.out_pixels());
+    let mut grad_cm = Scratch::take(g.out_channels * np);
+    to_channel_major(
+        grad_out,
+        g.batch,
+        g.out_channels,
+        g.out_pixels(),
+        &mut grad_cm,
+    );
+    let grad_cm = MatRef::row_major(&grad_cm, g.out_channels, np);
+
+    let mut grad_w = vec![0.0; g.out_channels * k];
+    {
+        let mut col = Scratch::take(k * np);
+        im2col(g, x, &mut col);
+        matmul(&mut grad_w, false, grad_cm, MatRef::row_major(&col, k, np).t())?;
+    }
+
+    let grad_x = if input_grad {
+        let mut grad_col = Scratch::take(k * np);
+        matmul(
+            &mut grad_col,
+            false,
+            MatRef::row_major(weight, g.out_channels, k).t(),
+            grad_cm,
+        )?;
+        let image_pixels = g.rows * g.cols;
+        let mut grad_x = vec![0.0; g.batch * g.in_channels * image_pixels];
+        if g.is_pointwise() {
+            from_channel_major(&grad_col, g.batch, g.in_channels, image_pixels, &mut grad_x);
+        } else {
+            let mut grad_x_cm = Scratch::take(grad_x.len());
+            col2im(g, &grad_col, &mut grad_x_cm);
+            from_channel_major(
+                &grad_x_cm,
+                g.batch,
+                g.in_channels,
+                image_pixels,
+                &mut grad_x,
+            );
+        }
+        Some(grad_x)
+    } else {
+        None
+    };
+    Ok((grad_x, grad_w))
+}
+
+/// The output columns `[lo, hi)` whose input column `out_col * stride + kernel_col - padding`
+/// falls inside the image (for stride 1 a contiguous run).
+fn valid_out_cols(g: &ConvGeometry, kernel_col: usize) -> (usize, usize) {
+    // out_col * stride + kernel_col >= padding  and  < cols + padding
+    let lo = g.padding.saturating_sub(kernel_col).div_ceil(g.stride);
+    let hi = (g.cols + g.padding)
+        .saturating_sub(kernel_col)
+        .div_ceil(g.stride);
+    (lo.min(g.out_cols), hi.min(g.out_cols).max(lo.min(g.out_cols)))
+}
+
+/// Fills `col [C*KH*KW, N*P]`: row (c, kh, kw), column (n, out_row, out_col) holds the input
+/// pixel that kernel tap sees for that output pixel, or 0 in the padding.
+fn im2col(g: &ConvGeometry, x: &[f32], col: &mut [f32]) {
+    let (p, np) = (g.out_pixels(), g.batch * g.out_pixels());
+    let taps = g.kernel_rows * g.kernel_cols;
+    let image_pixels = g.rows * g.cols;
+    col.par_chunks_mut(np).enumerate().for_each(|(row, dst)| {
+        let (c, kh, kw) = (row / taps, (row % taps) / g.kernel_cols, row % g.kernel_cols);
+        let (lo, hi) = valid_out_cols(g, kw);
+        for n in 0..g.batch {
+            let src = &x[(n * g.in_channels + c) * image_pixels..][..image_pixels];
+            let dst = &mut dst[n * p..][..p];
+            for (out_row, dst_row) in dst.chunks_exact_mut(g.out_cols).enumerate() {
+                let in_row = (out_row * g.stride + kh).wrapping_sub(g.padding);
+                if in_row >= g.rows {
+                    dst_row.fill(0.0);
+                    continue;
+                }
+                let src_row = &src[in_row * g.cols..][..g.cols];
+                dst_row[..lo].fill(0.0);
+                dst_row[hi..].fill(0.0);
+                if lo == hi {
+                    continue;
+                }
+                let first = lo * g.stride + kw - g.padding;
+                if g.stride == 1 {
+                    dst_row[lo..hi].copy_from_slice(&src_row[first..first + (hi - lo)]);
+                } else {
+                    for (d, s) in dst_row[lo..hi]
+                        .iter_mut()
+                        .zip(src_row[first..].iter().step_by(g.stride))
+                    {
+                        *d = *s;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The adjoint of `im2col`: sums `col` back into a channel-major `[C, N, rows*cols]` image.
+fn col2im(g: &ConvGeometry, col: &[f32], image_cm: &mut [f32]) {
+    let (p, np) = (g.out_pixels(), g.batch * g.out_pixels());
+    let taps = g.kernel_rows * g.kernel_cols;
+    let image_pixels = g.rows * g.cols;
+    image_cm
+        .par_chunks_mut(g.batch * image_pixels)
+        .enumerate()
+        .for_each(|(c, channel)| {
+            channel.fill(0.0);
+            for tap in 0..taps {
+                let (kh, kw) = (tap / g.kernel_cols, tap % g.kernel_cols);
+                let (lo, hi) = valid_out_cols(g, kw);
+                let src = &col[(c * taps + tap) * np..][..np];
+                for n in 0..g.batch {
+                    let src = &src[n * p..][..p];
+                    let dst = &mut channel[n * image_pixels..][..image_pixels];
+                    for (out_row, src_row) in src.chunks_exact(g.out_cols).enumerate() {
+                        let in_row = (out_row * g.stride + kh).wrapping_sub(g.padding);
+                        if in_row >= g.rows || lo == hi {
+                            continue;
+                        }
+                        let dst_row = &mut dst[in_row * g.cols..][..g.cols];
+                        let first = lo * g.stride + kw - g.padding;
+                        if g.stride == 1 {
+                            for (d, s) in dst_row[first..first + (hi - lo)]
+                                .iter_mut()
+                                .zip(&src_row[lo..hi])
+                            {
+                                *d += *s;
+                            }
+                        } else {
+                            for (d, s) in dst_row[first..]
+                                .iter_mut()
+                                .step_by(g.stride)
+                                .zip(&src_row[lo..hi])
+                            {
+                                *d += *s;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// `[N, C, P]` -> `[C, N*P]`.
+fn to_channel_major(src: &[f32], batch: usize, channels: usize, pixels: usize, dst: &mut [f32]) {
+    dst.par_chunks_mut(pixels).enumerate().for_each(|(i, d)| {
+        let (c, n) = (i / batch, i % batch);
+        d.copy_from_slice(&src[(n * channels + c) * pixels..][..pixels]);
+    });
+}
+
+/// `[C, N*P]` -> `[N, C, P]`.
+fn from_channel_major(src: &[f32], batch: usize, channels: usize, pixels: usize, dst: &mut [f32]) {
+    dst.par_chunks_mut(pixels).enumerate().for_each(|(i, d)| {
+        let (n, c) = (i / channels, i % channels);
+        d.copy_from_slice(&src[(c * batch + n) * pixels..][..pixels]);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Var};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random(rng: &mut ChaCha8Rng, dims: &[usize]) -> Result<Tensor> {
+        let len = dims.iter().product();
+        let data: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(data, dims, &Device::Cpu)
+    }
+
+    /// max |a - b| / max |b|: the relative error of a whole tensor.
+    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
+        Ok(diff / scale.max(1e-12))
+    }
+
+    /// Forward, input and weight gradients against candle's conv2d for one geometry.
+    fn check(x_dims: [usize; 4], w_dims: [usize; 4], stride: usize, padding: usize) -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let x = Var::from_tensor(&random(&mut rng, &x_dims)?)?;
+        let w = Var::from_tensor(&random(&mut rng, &w_dims)?)?;
+        let reference = x.conv2d(&w, padding, stride, 1, 1)?;
+        let ours = conv2d(&x, &w, stride, padding)?;
+        assert_eq!(ours.dims(), reference.dims());
+        let err = rel_err(&ours, &reference)?;
+        assert!(err < 1e-5, "forward {x_dims:?} {w_dims:?} s{stride} p{padding}: {err}");
+
+        // A random linear loss, so every output element gets a distinct gradient.
+        let probe = random(&mut rng, reference.dims())?;
+        let ref_grads = (reference * &probe)?.sum_all()?.backward()?;
+        let our_grads = (ours * &probe)?.sum_all()?.backward()?;
+        for (name, var) in [("input", &x), ("weight", &w)] {
+            let want = ref_grads.get(var).expect("reference gradient");
+            let got = our_grads.get(var).expect("our gradient");
+            let err = rel_err(got, want)?;
+            assert!(
+                err < 1e-4,
+                "{name} gradient {x_dims:?} {w_dims:?} s{stride} p{padding}: {err}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn matches_candle_on_resnet_geometries() -> Result<()> {
+        check([2, 3, 17, 15], [4, 3, 7, 7], 2, 3)?; // stem
+        check([2, 5, 9, 8], [6, 5, 3, 3], 1, 1)?; // basic block
+        check([2, 5, 9, 9], [6, 5, 3, 3], 2, 1)?; // downsampling 3x3
+        check([2, 5, 9, 7], [6, 5, 1, 1], 1, 0)?; // bottleneck 1x1
+        check([3, 5, 9, 7], [6, 5, 1, 1], 2, 0)?; // projection shortcut
+        check([1, 2, 4, 4], [3, 2, 3, 3], 3, 2) // stride larger than the kernel reach
+    }
+
+    #[test]
+    fn the_image_batch_gets_no_gradient() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let images = random(&mut rng, &[2, 3, 8, 8])?;
+        let w = Var::from_tensor(&random(&mut rng, &[4, 3, 3, 3])?)?;
+        let grads = conv2d(&images, &w, 1, 1)?.sum_all()?.backward()?;
+        assert!(grads.get(&images).is_none());
+        assert!(grads.get(&w).is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_mismatched_channels_and_other_dtypes_fall_back() -> Result<()> {
+        let x = Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu)?;
+        let w = Tensor::zeros((4, 2, 3, 3), DType::F32, &Device::Cpu)?;
+        let err = conv2d(&x, &w, 1, 1).unwrap_err().to_string();
+        assert!(err.contains("3 channels"), "{err}");
+        let x = Tensor::ones((1, 2, 5, 5), DType::F64, &Device::Cpu)?;
+        let w = Tensor::ones((1, 2, 3, 3), DType::F64, &Device::Cpu)?;
+        let out = conv2d(&x, &w, 1, 0)?;
+        assert_eq!(out.dims(), &[1, 1, 3, 3]);
+        assert_eq!(out.flatten_all()?.to_vec1::<f64>()?, vec![18.0; 9]);
+        Ok(())
+    }
+}

@@ -1,0 +1,280 @@
+//! CPU plumbing shared by the custom training ops: borrowing contiguous f32 data from candle
+//! storages, a per-thread pool of scratch buffers reused across calls, and a GEMM wrapper.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, Device, Layout, Result, Shape, Storage, Tensor};
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
+
+/// The contiguous f32 data of a CPU storage, or a clear error naming `what`.
+pub(crate) fn storage_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
+    let data = match storage {
+        CpuStorage::F32(data) => data.as_slice(),
+        other => bail!(
+            "{what}: only f32 is supported by this op on the CPU, got {:?}",
+            other.dtype()
+        ),
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{what}: the tensor must be contiguous"),
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor (used in backward passes, where the op
+/// receives tensors rather than storages).
+pub(crate) fn with_tensor_f32<R>(
+    tensor: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = tensor.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(storage_f32(cpu, layout, what)?),
+        _ => bail!(
+            "{what}: expected a CPU tensor, got one on {:?}",
+            tensor.device().location()
+        ),
+    }
+}
+
+/// Wraps an owned f32 buffer as a CPU tensor without copying.
+pub(crate) fn cpu_tensor(data: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
+    Tensor::from_vec(data, shape, &Device::Cpu)
+}
+
+/// Buffers kept per thread between calls: the im2col matrices of a training step are the same
+/// few sizes every step, so after the first step no large scratch allocation happens.
+const MAX_POOLED_BUFFERS: usize = 4;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A scratch buffer of `len` f32s with unspecified contents, returned to the pool on drop.
+pub(crate) struct Scratch {
+    buffer: Vec<f32>,
+    len: usize,
+}
+
+impl Scratch {
+    /// Takes the smallest pooled buffer that fits `len` (or grows the largest one).
+    pub(crate) fn take(len: usize) -> Self {
+        let mut buffer = POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            let fitting = pool
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.len() >= len)
+                .min_by_key(|(_, b)| b.len())
+                .map(|(i, _)| i);
+            let largest = pool
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, b)| b.len())
+                .map(|(i, _)| i);
+            match fitting.or(largest) {
+                Some(i) => pool.swap_remove(i),
+                None => Vec::new(),
+            }
+        });
+        if buffer.len() < len {
+            // Grow to the full capacity so later takes of a similar size never re-zero.
+            buffer.resize(len, 0.0);
+            buffer.resize(buffer.capacity(), 0.0);
+        }
+        Self { buffer, len }
+    }
+}
+
+impl Deref for Scratch {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buffer[..self.len]
+    }
+}
+
+impl DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buffer[..self.len]
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let buffer = std::mem::take(&mut self.buffer);
+        // `try_with`: during thread teardown the pool may already be gone; then just free.
+        let _ = POOL.try_with(|pool| {
+            let mut pool = pool.borrow_mut();
+            pool.push(buffer);
+            if pool.len() > MAX_POOLED_BUFFERS {
+                // Drop the smallest: the large ones are the expensive ones to rebuild.
+                if let Some((i, _)) = pool.iter().enumerate().min_by_key(|(_, b)| b.len()) {
+                    pool.swap_remove(i);
+                }
+            }
+        });
+    }
+}
+
+/// A read-only matrix view: element (i, j) is `data[i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major `rows x cols` matrix.
+    pub(crate) fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose, as a view.
+    pub(crate) fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+/// `dst = lhs * rhs` (or `dst += lhs * rhs` when `accumulate`), with `dst` row-major
+/// `lhs.rows x rhs.cols`; multi-threaded through the `gemm` crate on rayon's pool.
+pub(crate) fn matmul(dst: &mut [f32], accumulate: bool, lhs: MatRef, rhs: MatRef) -> Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k || dst.len() != m * n || !lhs.in_bounds() || !rhs.in_bounds() {
+        bail!(
+            "matmul: shape mismatch ({m}x{k}) * ({}x{n}) into a buffer of {}",
+            rhs.rows,
+            dst.len()
+        );
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index the kernel reads or writes is within bounds: checked just above for
+    // both operands (`in_bounds`) and for `dst` (exactly m * n, row-major).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(lhs: MatRef, rhs: MatRef) -> Vec<f32> {
+        let mut out = vec![0.0; lhs.rows * rhs.cols];
+        for i in 0..lhs.rows {
+            for j in 0..rhs.cols {
+                out[i * rhs.cols + j] = (0..lhs.cols)
+                    .map(|p| {
+                        lhs.data[i * lhs.row_stride + p * lhs.col_stride]
+                            * rhs.data[p * rhs.row_stride + j * rhs.col_stride]
+                    })
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matmul_matches_a_naive_product_with_transposes_and_accumulation() -> Result<()> {
+        let a: Vec<f32> = (0..35).map(|v| (v as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..42).map(|v| (v as f32 * 0.91).cos()).collect();
+        // (5x7) * (7x6), and (7x5)^T * (6x7)^T
+        for (lhs, rhs) in [
+            (MatRef::row_major(&a, 5, 7), MatRef::row_major(&b, 7, 6)),
+            (MatRef::row_major(&a, 7, 5).t(), MatRef::row_major(&b, 6, 7).t()),
+        ] {
+            let expected = naive(lhs, rhs);
+            let mut dst = vec![0.0; 30];
+            matmul(&mut dst, false, lhs, rhs)?;
+            for (got, want) in dst.iter().zip(&expected) {
+                assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+            }
+            matmul(&mut dst, true, lhs, rhs)?;
+            for (got, want) in dst.iter().zip(&expected) {
+                assert!((got - 2.0 * want).abs() < 1e-5, "{got} vs 2 * {want}");
+            }
+        }
+        let mut wrong = vec![0.0; 29];
+        assert!(matmul(
+            &mut wrong,
+            false,
+            MatRef::row_major(&a, 5, 7),
+            MatRef::row_major(&b, 7, 6)
+        )
+        .is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn scratch_buffers_are_reused() {
+        let first_ptr = {
+            let mut s = Scratch::take(1000);
+            s[999] = 1.0;
+            s.as_ptr()
+        };
+        let again = Scratch::take(800);
+        assert_eq!(again.len(), 800);
+        assert_eq!(again.as_ptr(), first_ptr);
+    }
+}
