@@ -1,0 +1,251 @@
+//! What every dataset offers the loader (`ImageDataset`), and the file-backed split shared by
+//! CUB, Cars, Aircraft and image folders (`ImageList`), with its checks for unreadable files.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use image::{GrayImage, RgbImage};
+use rayon::prelude::*;
+
+use crate::decode::decode_rgb;
+use crate::error::{DataError, Origin};
+
+/// A labelled image collection the loader can draw from by index. Implemented by the file-backed
+/// [`ImageList`] and the in-memory [`crate::synthetic::SyntheticSet`].
+pub trait ImageDataset: Send + Sync {
+    /// Number of images.
+    fn len(&self) -> usize;
+    /// True when there are no images.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Number of classes (labels are `0..num_classes`).
+    fn num_classes(&self) -> usize;
+    /// The label of image `index`.
+    fn label(&self, index: usize) -> usize;
+    /// Decodes image `index` to RGB. Fails naming the file (and the line that listed it).
+    fn load(&self, index: usize) -> Result<RgbImage, DataError>;
+    /// The ground-truth mask of the discriminative part (255 inside), where the dataset has one.
+    fn part_mask(&self, _index: usize) -> Option<GrayImage> {
+        None
+    }
+    /// True when [`ImageDataset::part_mask`] returns masks, so the loader carries them.
+    fn has_part_masks(&self) -> bool {
+        false
+    }
+}
+
+/// How thoroughly image files are checked when a split is built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Skip images that are missing or fail the check (counted in [`ImageList::skipped`] and
+    /// reported once on stderr) instead of failing.
+    pub skip_unreadable: bool,
+    /// Decode every image fully when the split is built (in parallel). Without it only
+    /// existence and a non-zero size are checked, and a corrupt file fails later, in the loader,
+    /// with an error naming it.
+    pub verify: bool,
+}
+
+/// One image of a file-backed split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageEntry {
+    /// Path of the image file.
+    pub path: PathBuf,
+    /// Class index.
+    pub label: usize,
+    /// The split-file line that listed it (None for image folders).
+    pub origin: Option<Origin>,
+}
+
+/// An image that was skipped because it could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The image path.
+    pub path: PathBuf,
+    /// The split-file line that listed it.
+    pub origin: Option<Origin>,
+    /// Why it was skipped.
+    pub reason: String,
+}
+
+/// A split (train or test) of a dataset stored as image files.
+#[derive(Debug, Clone)]
+pub struct ImageList {
+    root: PathBuf,
+    entries: Vec<ImageEntry>,
+    class_names: Arc<Vec<String>>,
+    listed: usize,
+    skipped: Vec<Skipped>,
+    crop_bottom_rows: u32,
+}
+
+/// The train and test splits of a dataset, sharing one class list.
+#[derive(Debug, Clone)]
+pub struct Splits {
+    /// The training split.
+    pub train: ImageList,
+    /// The test split.
+    pub test: ImageList,
+}
+
+impl Splits {
+    /// Class names, index = label.
+    pub fn class_names(&self) -> &[String] {
+        self.train.class_names()
+    }
+}
+
+impl ImageList {
+    /// Builds a split from listed entries, checking each file as `options` says. `root` is the
+    /// dataset root (paths in [`Skipped`] and reports are shown relative to it);
+    /// `crop_bottom_rows` rows are cut from the bottom of every decoded image (FGVC-Aircraft's
+    /// copyright banner).
+    pub fn new(
+        root: &Path,
+        entries: Vec<ImageEntry>,
+        class_names: Arc<Vec<String>>,
+        options: LoadOptions,
+        crop_bottom_rows: u32,
+    ) -> Result<Self, DataError> {
+        if let Some(bad) = entries.iter().find(|e| e.label >= class_names.len()) {
+            return Err(DataError::config(
+                "label",
+                bad.label,
+                format!(
+                    "{} has a label outside the {} classes",
+                    bad.path.display(),
+                    class_names.len()
+                ),
+            ));
+        }
+        let listed = entries.len();
+        let failures: Vec<Option<String>> = entries
+            .par_iter()
+            .map(|entry| check_image(&entry.path, options.verify, crop_bottom_rows).err())
+            .collect();
+        let mut kept = Vec::with_capacity(entries.len());
+        let mut skipped = Vec::new();
+        for (entry, failure) in entries.into_iter().zip(failures) {
+            match failure {
+                None => kept.push(entry),
+                Some(reason) if options.skip_unreadable => skipped.push(Skipped {
+                    path: entry.path,
+                    origin: entry.origin,
+                    reason,
+                }),
+                Some(reason) => {
+                    return Err(DataError::Image {
+                        path: entry.path,
+                        origin: entry.origin,
+                        reason,
+                    })
+                }
+            }
+        }
+        if let Some(first) = skipped.first() {
+            eprintln!(
+                "snapmix-data: skipped {} unreadable image(s) of {} listed under {} (first: {}: {})",
+                skipped.len(),
+                listed,
+                root.display(),
+                first.path.display(),
+                first.reason
+            );
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            entries: kept,
+            class_names,
+            listed,
+            skipped,
+            crop_bottom_rows,
+        })
+    }
+
+    /// The dataset root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The images that will be served, in listing order.
+    pub fn entries(&self) -> &[ImageEntry] {
+        &self.entries
+    }
+
+    /// Class names, index = label.
+    pub fn class_names(&self) -> &[String] {
+        &self.class_names
+    }
+
+    /// How many images the split files listed (served + skipped).
+    pub fn listed(&self) -> usize {
+        self.listed
+    }
+
+    /// Images skipped as unreadable (only with `skip_unreadable`).
+    pub fn skipped(&self) -> &[Skipped] {
+        &self.skipped
+    }
+
+    /// Number of images per class, index = label.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.class_names.len()];
+        for entry in &self.entries {
+            counts[entry.label] += 1;
+        }
+        counts
+    }
+}
+
+/// Reads (and with `verify`, decodes) one image file; the error is the reason.
+fn check_image(path: &Path, verify: bool, crop_bottom_rows: u32) -> Result<(), String> {
+    if verify {
+        return load_image(path, crop_bottom_rows).map(|_| ());
+    }
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => Err("not a regular file".to_string()),
+        Ok(meta) if meta.len() == 0 => Err("empty file".to_string()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Reads and decodes one image file, cutting `crop_bottom_rows` rows off the bottom.
+fn load_image(path: &Path, crop_bottom_rows: u32) -> Result<RgbImage, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let image = decode_rgb(&bytes)?;
+    if crop_bottom_rows == 0 {
+        return Ok(image);
+    }
+    let (cols, rows) = image.dimensions();
+    if rows <= crop_bottom_rows {
+        return Err(format!(
+            "{rows} rows, too few to crop a {crop_bottom_rows}-row banner"
+        ));
+    }
+    Ok(image::imageops::crop_imm(&image, 0, 0, cols, rows - crop_bottom_rows).to_image())
+}
+
+impl ImageDataset for ImageList {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn num_classes(&self) -> usize {
+        self.class_names.len()
+    }
+
+    fn label(&self, index: usize) -> usize {
+        self.entries[index].label
+    }
+
+    fn load(&self, index: usize) -> Result<RgbImage, DataError> {
+        let entry = &self.entries[index];
+        load_image(&entry.path, self.crop_bottom_rows).map_err(|reason| DataError::Image {
+            path: entry.path.clone(),
+            origin: entry.origin.clone(),
+            reason,
+        })
+    }
+}

@@ -1,0 +1,153 @@
+//! Loads every dataset tree of the fixtures (data/fixtures/datasets, or the tree named by
+//! SNAPMIX_DATASET_FIXTURES) and checks the counts and unreadable files of its expected.json.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use snapmix_data::aircraft::AircraftOptions;
+use snapmix_data::{aircraft, cars, cub, folder, ImageDataset, LoadOptions, Splits};
+
+#[derive(Deserialize)]
+struct Expected {
+    dataset: String,
+    root: String,
+    classes: usize,
+    train: usize,
+    test: usize,
+    #[serde(default)]
+    corrupt: Vec<String>,
+}
+
+fn fixtures_dir() -> PathBuf {
+    match std::env::var_os("SNAPMIX_DATASET_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fixtures/datasets"),
+    }
+}
+
+fn load(kind: &str, root: &Path, options: LoadOptions) -> Splits {
+    let result = match kind {
+        "cub" => cub::load(root, options),
+        "cars" => cars::load(root, options),
+        "aircraft" => aircraft::load(
+            root,
+            AircraftOptions {
+                load: options,
+                ..Default::default()
+            },
+        ),
+        "folder" => folder::load(root, options),
+        other => panic!("expected.json names an unknown dataset {other:?}"),
+    };
+    result.unwrap_or_else(|e| panic!("{kind} at {}: {e}", root.display()))
+}
+
+/// A corrupt entry as a path relative to the dataset root (it may be given with the root's
+/// own folder name in front, and with either slash).
+fn relative_to_root(corrupt: &str, root_name: &str) -> PathBuf {
+    let corrupt = corrupt.replace('\\', "/");
+    let trimmed = corrupt
+        .strip_prefix(&format!("{root_name}/"))
+        .unwrap_or(&corrupt);
+    PathBuf::from(trimmed)
+}
+
+#[test]
+fn every_fixture_dataset_loads_with_the_expected_counts() {
+    let dir = fixtures_dir();
+    let text = std::fs::read_to_string(dir.join("expected.json"))
+        .unwrap_or_else(|e| panic!("{}/expected.json: {e}", dir.display()));
+    let expected: Vec<Expected> = serde_json::from_str(&text).expect("expected.json parses");
+    assert!(!expected.is_empty());
+    for case in expected {
+        let root = dir.join(&case.root);
+        let what = format!("{} at {}", case.dataset, root.display());
+        let options = LoadOptions {
+            skip_unreadable: true,
+            verify: true,
+        };
+        let splits = load(&case.dataset, &root, options);
+        assert_eq!(splits.class_names().len(), case.classes, "{what}: classes");
+        assert_eq!(splits.train.listed(), case.train, "{what}: train");
+        assert_eq!(splits.test.listed(), case.test, "{what}: test");
+
+        let mut skipped: Vec<PathBuf> = [&splits.train, &splits.test]
+            .iter()
+            .flat_map(|s| s.skipped())
+            .map(|s| s.path.strip_prefix(&root).unwrap_or(&s.path).to_path_buf())
+            .collect();
+        skipped.sort();
+        let mut corrupt: Vec<PathBuf> = case
+            .corrupt
+            .iter()
+            .map(|c| relative_to_root(c, &case.root))
+            .collect();
+        corrupt.sort();
+        assert_eq!(skipped, corrupt, "{what}: unreadable images");
+        assert_eq!(
+            splits.train.len() + splits.test.len(),
+            case.train + case.test - corrupt.len(),
+            "{what}: served images"
+        );
+        // Every served image decodes, labels are in range, and every class has an image.
+        for split in [&splits.train, &splits.test] {
+            for index in 0..split.len() {
+                let image = split.load(index).unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert!(image.width() > 0 && image.height() > 0);
+                assert!(split.label(index) < case.classes);
+            }
+        }
+        let counts = splits.train.class_counts();
+        assert_eq!(counts.len(), case.classes);
+
+        // Without skipping, a corrupt file is an error naming it.
+        if let Some(first) = corrupt.first() {
+            let strict = match case.dataset.as_str() {
+                "cub" => cub::load(
+                    &root,
+                    LoadOptions {
+                        verify: true,
+                        skip_unreadable: false,
+                    },
+                )
+                .err(),
+                "cars" => cars::load(
+                    &root,
+                    LoadOptions {
+                        verify: true,
+                        skip_unreadable: false,
+                    },
+                )
+                .err(),
+                "aircraft" => aircraft::load(
+                    &root,
+                    AircraftOptions {
+                        load: LoadOptions {
+                            verify: true,
+                            skip_unreadable: false,
+                        },
+                        ..Default::default()
+                    },
+                )
+                .err(),
+                _ => folder::load(
+                    &root,
+                    LoadOptions {
+                        verify: true,
+                        skip_unreadable: false,
+                    },
+                )
+                .err(),
+            };
+            let message = strict.map(|e| e.to_string()).unwrap_or_default();
+            let named = corrupt
+                .iter()
+                .any(|c| message.contains(&c.display().to_string()));
+            assert!(
+                named,
+                "{what}: strict load should fail naming {} but said {message:?}",
+                first.display()
+            );
+        }
+    }
+}
