@@ -2,3 +2,13 @@
 //! method together with the optimiser, learning-rate schedule, checkpoints and metrics.
 //!
 //! This is the only library crate that depends on the others; nothing may depend on it.
+
+pub mod config;
+mod error;
+pub mod optim;
+pub mod schedule;
+
+pub use config::{Overrides, TrainConfig};
+pub use error::TrainError;
+pub use optim::{NamedVar, ParamGroup, Sgd, SgdSettings};
+pub use schedule::MultiStepLr;

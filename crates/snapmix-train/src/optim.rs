@@ -1,0 +1,472 @@
+//! SGD with (Nesterov) momentum and weight decay, with parameter groups, in PyTorch's exact
+//! semantics; candle-nn's SGD has no momentum.
+
+use std::collections::{HashMap, HashSet};
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use crate::error::TrainError;
+
+/// A trainable tensor with the name it has in the weights file (torchvision naming).
+#[derive(Debug, Clone)]
+pub struct NamedVar {
+    /// The parameter's name, e.g. `layer1.0.conv1.weight`.
+    pub name: String,
+    /// The parameter itself.
+    pub var: Var,
+}
+
+/// A set of parameters sharing one learning rate and weight decay, like a PyTorch param group.
+#[derive(Debug, Clone)]
+pub struct ParamGroup {
+    /// A label for logs and errors, e.g. `body` or `new_layers`.
+    pub label: String,
+    /// The group's learning rate before any schedule factor.
+    pub base_lr: f64,
+    /// L2 penalty added to the gradient: `d = g + weight_decay * p`.
+    pub weight_decay: f64,
+    /// The group's parameters.
+    pub params: Vec<NamedVar>,
+}
+
+/// The settings shared by every group.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdSettings {
+    /// Momentum factor `mu` (the official recipe: 0.9).
+    pub momentum: f64,
+    /// Nesterov momentum (the official recipe: on).
+    pub nesterov: bool,
+    /// When false, parameters of rank <= 1 (BatchNorm weights and biases, every bias) get no
+    /// weight decay. The official recipe decays all parameters (true).
+    pub decay_bn_and_bias: bool,
+}
+
+/// One group as the optimiser holds it: its current lr and, per parameter, the decay it gets.
+#[derive(Debug)]
+struct GroupState {
+    label: String,
+    base_lr: f64,
+    lr: f64,
+    params: Vec<(NamedVar, f64)>,
+}
+
+/// Stochastic gradient descent with momentum, PyTorch semantics (dampening 0):
+/// `d = g + wd*p`; `buf = d` at a parameter's first step, else `buf = mu*buf + d`;
+/// with Nesterov `d = d + mu*buf`, else `d = buf`; `p -= lr*d`.
+///
+/// A parameter without a gradient in a step is skipped, its buffer untouched (as in PyTorch).
+#[derive(Debug)]
+pub struct Sgd {
+    groups: Vec<GroupState>,
+    settings: SgdSettings,
+    momentum_buffers: HashMap<String, Tensor>,
+}
+
+/// The prefix of momentum-buffer names in [`Sgd::state_tensors`].
+const MOMENTUM_PREFIX: &str = "momentum.";
+
+impl Sgd {
+    /// Builds the optimiser. Parameter names must be unique across all groups, because
+    /// momentum buffers are saved and restored by name.
+    pub fn new(groups: Vec<ParamGroup>, settings: SgdSettings) -> Result<Self, TrainError> {
+        if !(0.0..1.0).contains(&settings.momentum) {
+            return Err(TrainError::InvalidSetting(format!(
+                "momentum must be in [0, 1), got {}",
+                settings.momentum
+            )));
+        }
+        let mut seen = HashSet::new();
+        let mut states = Vec::with_capacity(groups.len());
+        for group in groups {
+            if !(group.base_lr.is_finite() && group.base_lr >= 0.0) {
+                return Err(TrainError::InvalidSetting(format!(
+                    "learning rate of group `{}` must be finite and >= 0, got {}",
+                    group.label, group.base_lr
+                )));
+            }
+            if !(group.weight_decay.is_finite() && group.weight_decay >= 0.0) {
+                return Err(TrainError::InvalidSetting(format!(
+                    "weight decay of group `{}` must be finite and >= 0, got {}",
+                    group.label, group.weight_decay
+                )));
+            }
+            let mut params = Vec::with_capacity(group.params.len());
+            for param in group.params {
+                if !seen.insert(param.name.clone()) {
+                    return Err(TrainError::InvalidSetting(format!(
+                        "parameter `{}` appears twice in the optimiser's groups",
+                        param.name
+                    )));
+                }
+                let decays = settings.decay_bn_and_bias || param.var.rank() > 1;
+                let weight_decay = if decays { group.weight_decay } else { 0.0 };
+                params.push((param, weight_decay));
+            }
+            states.push(GroupState {
+                label: group.label,
+                base_lr: group.base_lr,
+                lr: group.base_lr,
+                params,
+            });
+        }
+        Ok(Self {
+            groups: states,
+            settings,
+            momentum_buffers: HashMap::new(),
+        })
+    }
+
+    /// Applies one update from the gradients of a `loss.backward()`.
+    pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        let mu = self.settings.momentum;
+        for group in &self.groups {
+            for (param, weight_decay) in &group.params {
+                let Some(grad) = grads.get(param.var.as_tensor()) else {
+                    continue;
+                };
+                let p = param.var.as_tensor();
+                let mut d = if *weight_decay != 0.0 {
+                    (grad + p.affine(*weight_decay, 0.0)?)?
+                } else {
+                    grad.clone()
+                };
+                if mu != 0.0 {
+                    let buf = match self.momentum_buffers.get(&param.name) {
+                        Some(buf) => (buf.affine(mu, 0.0)? + &d)?,
+                        None => d.copy()?,
+                    };
+                    d = if self.settings.nesterov {
+                        (d + buf.affine(mu, 0.0)?)?
+                    } else {
+                        buf.clone()
+                    };
+                    self.momentum_buffers.insert(param.name.clone(), buf);
+                }
+                param.var.set(&(p - d.affine(group.lr, 0.0)?)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets every group's lr to `base_lr * factor` (what a schedule does).
+    pub fn set_lr_factor(&mut self, factor: f64) {
+        for group in &mut self.groups {
+            group.lr = group.base_lr * factor;
+        }
+    }
+
+    /// The current learning rate of each group, by label, in group order.
+    pub fn learning_rates(&self) -> Vec<(&str, f64)> {
+        self.groups
+            .iter()
+            .map(|group| (group.label.as_str(), group.lr))
+            .collect()
+    }
+
+    /// The optimiser's state to checkpoint: one momentum buffer per parameter that has stepped,
+    /// named `momentum.<parameter name>`.
+    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+        self.momentum_buffers
+            .iter()
+            .map(|(name, buf)| (format!("{MOMENTUM_PREFIX}{name}"), buf.clone()))
+            .collect()
+    }
+
+    /// Restores the state saved by [`Sgd::state_tensors`], replacing the current one. Every
+    /// buffer must belong to a known parameter and have its shape; the buffers are moved to the
+    /// parameter's device and dtype.
+    pub fn load_state_tensors(
+        &mut self,
+        tensors: HashMap<String, Tensor>,
+    ) -> Result<(), TrainError> {
+        let params: HashMap<&str, &Var> = self
+            .groups
+            .iter()
+            .flat_map(|group| group.params.iter())
+            .map(|(param, _)| (param.name.as_str(), &param.var))
+            .collect();
+        let mut buffers = HashMap::with_capacity(tensors.len());
+        for (key, tensor) in tensors {
+            let Some(name) = key.strip_prefix(MOMENTUM_PREFIX) else {
+                return Err(TrainError::OptimizerState(format!(
+                    "unexpected tensor `{key}` in the optimiser state"
+                )));
+            };
+            let Some(var) = params.get(name) else {
+                return Err(TrainError::OptimizerState(format!(
+                    "momentum buffer for unknown parameter `{name}`"
+                )));
+            };
+            if tensor.dims() != var.dims() {
+                return Err(TrainError::OptimizerState(format!(
+                    "momentum buffer `{name}` has shape {:?}, the parameter {:?}",
+                    tensor.dims(),
+                    var.dims()
+                )));
+            }
+            let tensor = tensor.to_device(var.device())?.to_dtype(var.dtype())?;
+            buffers.insert(name.to_string(), tensor);
+        }
+        self.momentum_buffers = buffers;
+        Ok(())
+    }
+
+    /// Every parameter the optimiser updates, in group order.
+    pub fn params(&self) -> impl Iterator<Item = &NamedVar> {
+        self.groups
+            .iter()
+            .flat_map(|group| group.params.iter().map(|(param, _)| param))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn var(name: &str, values: &[f32], shape: &[usize]) -> NamedVar {
+        NamedVar {
+            name: name.to_string(),
+            var: Var::from_slice(values, shape, &Device::Cpu).unwrap(),
+        }
+    }
+
+    fn grads_of(loss: &Tensor) -> GradStore {
+        loss.backward().unwrap()
+    }
+
+    /// loss = sum(c * p) so the gradient is exactly `c`.
+    fn linear_loss(param: &NamedVar, coeffs: &[f32]) -> Tensor {
+        let c = Tensor::from_slice(coeffs, param.var.dims(), &Device::Cpu).unwrap();
+        (param.var.as_tensor() * c).unwrap().sum_all().unwrap()
+    }
+
+    fn values(param: &NamedVar) -> Vec<f32> {
+        param
+            .var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn settings(nesterov: bool, decay_bn_and_bias: bool) -> SgdSettings {
+        SgdSettings {
+            momentum: 0.9,
+            nesterov,
+            decay_bn_and_bias,
+        }
+    }
+
+    #[test]
+    fn two_nesterov_steps_match_hand_computation() {
+        let w = var("w", &[1.0, -2.0, 0.5, 4.0], &[2, 2]);
+        let mut sgd = Sgd::new(
+            vec![ParamGroup {
+                label: "all".into(),
+                base_lr: 0.1,
+                weight_decay: 0.01,
+                params: vec![w.clone()],
+            }],
+            settings(true, true),
+        )
+        .unwrap();
+        let g1 = [0.5f32, 1.0, -1.0, 2.0];
+        let g2 = [1.0f32, 0.0, 0.25, -0.5];
+
+        // Hand computation in f64, PyTorch's formulas.
+        let (lr, wd, mu) = (0.1f64, 0.01f64, 0.9f64);
+        let mut p = [1.0f64, -2.0, 0.5, 4.0];
+        let mut buf = [0.0f64; 4];
+        for (step, g) in [g1, g2].iter().enumerate() {
+            for i in 0..4 {
+                let d = g[i] as f64 + wd * p[i];
+                buf[i] = if step == 0 { d } else { mu * buf[i] + d };
+                let d = d + mu * buf[i];
+                p[i] -= lr * d;
+            }
+        }
+        sgd.step(&grads_of(&linear_loss(&w, &g1))).unwrap();
+        sgd.step(&grads_of(&linear_loss(&w, &g2))).unwrap();
+        for (got, want) in values(&w).iter().zip(&p) {
+            assert!(
+                ((*got as f64) - want).abs() < 1e-6,
+                "got {got}, want {want}"
+            );
+        }
+        // Concretely, the first element: d1 = 0.51, buf1 = 0.51, p = 1 - 0.1*(0.51+0.459) = 0.9031.
+        let first_after_one = 1.0 - 0.1 * (0.51 + 0.9 * 0.51);
+        assert!((first_after_one - 0.9031f64).abs() < 1e-12);
+    }
+
+    #[test]
+    fn plain_momentum_uses_the_buffer_as_the_step() {
+        let w = var("w", &[2.0], &[1, 1]);
+        let mut sgd = Sgd::new(
+            vec![ParamGroup {
+                label: "all".into(),
+                base_lr: 0.5,
+                weight_decay: 0.0,
+                params: vec![w.clone()],
+            }],
+            settings(false, true),
+        )
+        .unwrap();
+        sgd.step(&grads_of(&linear_loss(&w, &[1.0]))).unwrap(); // buf 1, p = 2 - 0.5
+        sgd.step(&grads_of(&linear_loss(&w, &[1.0]))).unwrap(); // buf 1.9, p = 1.5 - 0.95
+        assert!((values(&w)[0] - 0.55).abs() < 1e-6);
+    }
+
+    #[test]
+    fn groups_get_their_own_lr_and_schedule_factor() {
+        let body = var("body.weight", &[1.0, 1.0], &[1, 2]);
+        let head = var("fc.weight", &[1.0, 1.0], &[1, 2]);
+        let mut sgd = Sgd::new(
+            vec![
+                ParamGroup {
+                    label: "body".into(),
+                    base_lr: 0.001,
+                    weight_decay: 0.0,
+                    params: vec![body.clone()],
+                },
+                ParamGroup {
+                    label: "new_layers".into(),
+                    base_lr: 0.01,
+                    weight_decay: 0.0,
+                    params: vec![head.clone()],
+                },
+            ],
+            settings(true, true),
+        )
+        .unwrap();
+        sgd.set_lr_factor(0.1);
+        assert_eq!(
+            sgd.learning_rates(),
+            vec![("body", 0.001 * 0.1), ("new_layers", 0.01 * 0.1)]
+        );
+        let loss = (linear_loss(&body, &[1.0, 1.0]) + linear_loss(&head, &[1.0, 1.0])).unwrap();
+        sgd.step(&grads_of(&loss)).unwrap();
+        // First Nesterov step: d = g + mu*g = 1.9 g.
+        assert!((values(&body)[0] - (1.0 - 0.0001 * 1.9)).abs() < 1e-7);
+        assert!((values(&head)[0] - (1.0 - 0.001 * 1.9)).abs() < 1e-7);
+    }
+
+    #[test]
+    fn bn_and_biases_can_be_excluded_from_weight_decay() {
+        let conv = var("conv.weight", &[1.0, 1.0], &[1, 2]);
+        let bias = var("fc.bias", &[1.0], &[1]);
+        let mut sgd = Sgd::new(
+            vec![ParamGroup {
+                label: "all".into(),
+                base_lr: 1.0,
+                weight_decay: 0.5,
+                params: vec![conv.clone(), bias.clone()],
+            }],
+            SgdSettings {
+                momentum: 0.0,
+                nesterov: false,
+                decay_bn_and_bias: false,
+            },
+        )
+        .unwrap();
+        let loss = (linear_loss(&conv, &[0.0, 0.0]) + linear_loss(&bias, &[0.0])).unwrap();
+        sgd.step(&grads_of(&loss)).unwrap();
+        assert_eq!(values(&conv), vec![0.5, 0.5]); // decayed: p - 1.0 * 0.5 * p
+        assert_eq!(values(&bias), vec![1.0]); // not decayed
+    }
+
+    #[test]
+    fn params_without_gradient_are_untouched() {
+        let used = var("a", &[1.0], &[1]);
+        let unused = var("b", &[1.0], &[1]);
+        let mut sgd = Sgd::new(
+            vec![ParamGroup {
+                label: "all".into(),
+                base_lr: 1.0,
+                weight_decay: 0.1,
+                params: vec![used.clone(), unused.clone()],
+            }],
+            settings(true, true),
+        )
+        .unwrap();
+        sgd.step(&grads_of(&linear_loss(&used, &[1.0]))).unwrap();
+        assert_eq!(values(&unused), vec![1.0]);
+        assert_eq!(sgd.state_tensors().len(), 1);
+    }
+
+    #[test]
+    fn state_round_trip_continues_identically() {
+        let make = || {
+            let w = var("w", &[1.0, 2.0, 3.0], &[3, 1]);
+            let sgd = Sgd::new(
+                vec![ParamGroup {
+                    label: "all".into(),
+                    base_lr: 0.1,
+                    weight_decay: 1e-4,
+                    params: vec![w.clone()],
+                }],
+                settings(true, true),
+            )
+            .unwrap();
+            (w, sgd)
+        };
+        let g = [0.3f32, -0.2, 0.1];
+        // Uninterrupted: two steps.
+        let (w1, mut sgd1) = make();
+        sgd1.step(&grads_of(&linear_loss(&w1, &g))).unwrap();
+        let weights_after_one = w1.var.as_tensor().copy().unwrap();
+        let saved = sgd1.state_tensors();
+        sgd1.step(&grads_of(&linear_loss(&w1, &g))).unwrap();
+
+        // Restarted: a fresh optimiser given the weights and state after one step.
+        let (w2, mut sgd2) = make();
+        w2.var.set(&weights_after_one).unwrap();
+        sgd2.load_state_tensors(saved).unwrap();
+        sgd2.step(&grads_of(&linear_loss(&w2, &g))).unwrap();
+        assert_eq!(values(&w1), values(&w2));
+
+        // Without the buffers the second step differs: the state matters.
+        let (w3, mut sgd3) = make();
+        w3.var.set(&weights_after_one).unwrap();
+        sgd3.step(&grads_of(&linear_loss(&w3, &g))).unwrap();
+        assert_ne!(values(&w1), values(&w3));
+    }
+
+    #[test]
+    fn bad_state_and_settings_are_named() {
+        let w = var("w", &[1.0], &[1]);
+        let group = ParamGroup {
+            label: "all".into(),
+            base_lr: 0.1,
+            weight_decay: 0.0,
+            params: vec![w.clone(), w.clone()],
+        };
+        let err = Sgd::new(vec![group], settings(true, true)).unwrap_err();
+        assert!(err.to_string().contains("`w` appears twice"), "{err}");
+
+        let mut sgd = Sgd::new(
+            vec![ParamGroup {
+                label: "all".into(),
+                base_lr: 0.1,
+                weight_decay: 0.0,
+                params: vec![w],
+            }],
+            settings(true, true),
+        )
+        .unwrap();
+        let wrong_shape = HashMap::from([(
+            "momentum.w".to_string(),
+            Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(),
+        )]);
+        let err = sgd.load_state_tensors(wrong_shape).unwrap_err();
+        assert!(err.to_string().contains("[2, 2]"), "{err}");
+        let unknown = HashMap::from([(
+            "momentum.nope".to_string(),
+            Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+        )]);
+        let err = sgd.load_state_tensors(unknown).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+}
