@@ -6,9 +6,10 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 bin="$here/bin/snapmix"
 
+user_paths="${LD_LIBRARY_PATH:-}"
 shopt -s nullglob
 candidates=(
-  ${LD_LIBRARY_PATH//:/ }
+  ${user_paths//:/ }
   /usr/local/cuda/lib64 /usr/local/cuda-*/lib64 /usr/local/cuda/targets/*/lib
   /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib/wsl/lib
   /opt/*/.venv/lib/python3*/site-packages/nvidia/*/lib
