@@ -5,10 +5,14 @@
 
 pub mod config;
 mod error;
+pub mod metrics;
 pub mod optim;
+pub mod rundir;
 pub mod schedule;
 
 pub use config::{Overrides, TrainConfig};
 pub use error::TrainError;
+pub use metrics::{read_metrics, MetricRecord, MetricsWriter};
 pub use optim::{NamedVar, ParamGroup, Sgd, SgdSettings};
+pub use rundir::{Checkpoint, EvalRecord, RunDir, StartMode, TrainState};
 pub use schedule::MultiStepLr;
