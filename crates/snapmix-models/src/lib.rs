@@ -3,3 +3,20 @@
 //!
 //! It depends on candle and on `snapmix-cam` (to implement its `CamSource`); it must know
 //! nothing of datasets, mixing or the training loop.
+
+mod arch;
+mod error;
+pub mod layers;
+pub mod ops;
+mod resnet;
+mod weights;
+
+pub use arch::{Arch, BlockKind};
+pub use error::{ModelError, Result};
+pub use resnet::{
+    is_head_param, MidLevelConfig, Outputs, ParamGroups, ResNet, ResNetConfig, HEAD_PREFIXES,
+};
+pub use weights::{
+    load_pretrained, read_safetensors, HubWeights, LoadOptions, LoadReport, Pretrained,
+    WeightSource,
+};
