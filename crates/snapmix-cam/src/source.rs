@@ -2,6 +2,8 @@
 
 use candle_core::{Result, Tensor};
 
+use crate::{semantic_percent_maps, Spm};
+
 /// A network whose class activation maps can be computed: a last conv stage followed by global
 /// pooling and a linear classifier (ResNet, DenseNet, EfficientNet, ...).
 ///
@@ -17,4 +19,24 @@ pub trait CamSource {
 
     /// The classifier's bias `[K]`, if it has one.
     fn classifier_bias(&self) -> Option<&Tensor>;
+
+    /// The SPMs of `images` `[B, 3, rows, cols]` for their labels `targets` `[B]`: runs the
+    /// body (`train` as in [`CamSource::cam_features`]) and calls [`semantic_percent_maps`]
+    /// with this network's classifier, at the images' own size.
+    fn semantic_percent_maps(
+        &self,
+        images: &Tensor,
+        targets: &Tensor,
+        train: bool,
+    ) -> crate::Result<Spm> {
+        let (_, _, rows, cols) = images.dims4()?;
+        let features = self.cam_features(images, train)?;
+        semantic_percent_maps(
+            &features,
+            self.classifier_weight(),
+            self.classifier_bias(),
+            targets,
+            (rows, cols),
+        )
+    }
 }

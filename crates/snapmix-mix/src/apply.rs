@@ -1,0 +1,255 @@
+//! `apply`: replays `MixParams` on a batch, deterministically. Label weights are computed on
+//! the host from box sums; pixels go through the fused CPU kernel or composed candle ops.
+
+use crate::{composed, cpu, Method, MixError, MixParams, Result, SampleMix};
+use candle_core::{DType, Device, Tensor};
+use snapmix_cam::{PixelBox, Spm};
+
+/// A mixed batch and its two-label targets: sample `i` is weighted `lam_a[i]` on its own label
+/// `targets_a[i]` and `lam_b[i]` on its partner's `targets_b[i]`. Feed it to
+/// [`crate::mixed_cross_entropy`].
+#[derive(Debug, Clone)]
+pub struct MixedBatch {
+    /// The mixed images `[B, channels, rows, cols]`, same dtype and device as the input.
+    pub images: Tensor,
+    /// Each sample's own label `[B]` (the input targets).
+    pub targets_a: Tensor,
+    /// The partner's label `[B]` (the own label where nothing was mixed in).
+    pub targets_b: Tensor,
+    /// Weight of `targets_a`, `[B]` f32.
+    pub lam_a: Tensor,
+    /// Weight of `targets_b`, `[B]` f32.
+    pub lam_b: Tensor,
+}
+
+/// What happens to one image's pixels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Paste {
+    /// Unchanged.
+    Keep,
+    /// The box is filled with 0.
+    Zero(PixelBox),
+    /// `lam * own + (1 - lam) * partner`.
+    Blend { partner: usize, lam: f64 },
+    /// The partner's `from` box, resized bilinearly (align_corners = true), replaces `to`.
+    Region {
+        partner: usize,
+        from: PixelBox,
+        to: PixelBox,
+    },
+}
+
+/// Applies `params` to `images` `[B, channels, rows, cols]` with labels `targets` `[B]`.
+/// `spm` (from [`snapmix_cam::semantic_percent_maps`] on the same batch) is required when a
+/// sample uses SnapMix. Deterministic; the inputs are not modified.
+///
+/// Semantics follow the official SnapMix code exactly (see `data/golden/mix/README.md`): for
+/// SnapMix `lam_a = 1 - spm_i(box_a) / (spm_i(all) + 1e-8)`, `lam_b = spm_p(box_b) /
+/// (spm_p(all) + 1e-8)`, the same-label rule, then NaN (degenerate SPM) falls back to area
+/// weights; no paste and `lam_a = 1` when a box is empty (AsCutMix: 4 pixels or fewer).
+/// Runs fused kernels on CPU f32 tensors, composed candle ops elsewhere.
+pub fn apply(
+    params: &MixParams,
+    images: &Tensor,
+    targets: &Tensor,
+    spm: Option<&Spm>,
+) -> Result<MixedBatch> {
+    let checked = check(params, images, targets, spm)?;
+    let weights = label_weights(params, &checked, |requests| {
+        let spm = spm.ok_or(MixError::MissingSpm)?;
+        let (samples, boxes): (Vec<usize>, Vec<PixelBox>) = requests.iter().copied().unzip();
+        Ok(spm.box_sums(&samples, &boxes)?)
+    })?;
+    let mixed = match cpu::mix_images(images, &weights.pastes)? {
+        Some(mixed) => mixed,
+        None => composed::mix_images(images, &weights.pastes)?,
+    };
+    finish(mixed, targets, &weights)
+}
+
+/// [`apply`] computed with plain composed candle ops (index_select, narrow, sum,
+/// upsample_bilinear2d, slice_assign) on any device: the baseline of `cargo xtask bench-mix`
+/// and the reference the fused kernel is tested against.
+pub fn apply_composed(
+    params: &MixParams,
+    images: &Tensor,
+    targets: &Tensor,
+    spm: Option<&Spm>,
+) -> Result<MixedBatch> {
+    let checked = check(params, images, targets, spm)?;
+    let weights = label_weights(params, &checked, |requests| {
+        composed::box_sums(spm.ok_or(MixError::MissingSpm)?, requests)
+    })?;
+    let mixed = composed::mix_images(images, &weights.pastes)?;
+    finish(mixed, targets, &weights)
+}
+
+/// Validated inputs: the labels on the host.
+struct Checked {
+    targets: Vec<i64>,
+}
+
+fn check(
+    params: &MixParams,
+    images: &Tensor,
+    targets: &Tensor,
+    spm: Option<&Spm>,
+) -> Result<Checked> {
+    params.validate()?;
+    let batch = params.batch();
+    let dims = images.dims();
+    if dims.len() != 4 || dims[0] != batch || dims[2] != params.rows || dims[3] != params.cols {
+        return Err(MixError::Shape {
+            what: "images",
+            expected: format!(
+                "[{batch}, channels, {}, {}] (from the params)",
+                params.rows, params.cols
+            ),
+            got: dims.to_vec(),
+        });
+    }
+    if !images.dtype().is_float() {
+        return Err(MixError::ImageDType(images.dtype()));
+    }
+    if targets.dims() != [batch] {
+        return Err(MixError::Shape {
+            what: "targets",
+            expected: format!("[{batch}]"),
+            got: targets.dims().to_vec(),
+        });
+    }
+    let targets = match targets.dtype() {
+        DType::U8 | DType::U32 | DType::I64 => targets.to_dtype(DType::I64)?.to_vec1::<i64>()?,
+        dtype => return Err(MixError::TargetDType(dtype)),
+    };
+    if params.needs_spm() {
+        let spm = spm.ok_or(MixError::MissingSpm)?;
+        if (spm.batch(), spm.rows(), spm.cols()) != (batch, params.rows, params.cols) {
+            return Err(MixError::Shape {
+                what: "spm",
+                expected: format!("[{batch}, {}, {}]", params.rows, params.cols),
+                got: vec![spm.batch(), spm.rows(), spm.cols()],
+            });
+        }
+    }
+    Ok(Checked { targets })
+}
+
+/// Per-sample pixel operations, label partners and label weights.
+pub(crate) struct Weights {
+    pub pastes: Vec<Paste>,
+    label_partners: Vec<u32>,
+    lam_a: Vec<f32>,
+    lam_b: Vec<f32>,
+}
+
+/// Resolves every sample into a pixel operation and its label weights; `box_sums` answers
+/// `(sample, box) -> SPM mass` requests for SnapMix samples.
+fn label_weights(
+    params: &MixParams,
+    checked: &Checked,
+    box_sums: impl FnOnce(&[(usize, PixelBox)]) -> Result<Vec<f64>>,
+) -> Result<Weights> {
+    let batch = params.batch();
+    let full = PixelBox::full(params.rows, params.cols);
+    let pixels = (params.rows * params.cols) as f64;
+    let pastes: Vec<Paste> = params
+        .samples
+        .iter()
+        .zip(&params.perm)
+        .map(|(s, &partner)| paste_of(s, partner))
+        .collect();
+
+    // SnapMix samples that paste need four masses: own box_a and total, partner box_b and total.
+    let snap: Vec<usize> = (0..batch)
+        .filter(|&i| {
+            params.samples[i].method == Method::SnapMix && matches!(pastes[i], Paste::Region { .. })
+        })
+        .collect();
+    let mut requests = Vec::with_capacity(snap.len() * 4);
+    for &i in &snap {
+        let (s, partner) = (&params.samples[i], params.perm[i]);
+        requests.extend([(i, s.box_a), (i, full), (partner, s.box_b), (partner, full)]);
+    }
+    let masses = if requests.is_empty() {
+        Vec::new()
+    } else {
+        box_sums(&requests)?
+    };
+
+    let mut label_partners = Vec::with_capacity(batch);
+    let mut lam_a = vec![1.0f64; batch];
+    let mut lam_b = vec![0.0f64; batch];
+    for (i, s) in params.samples.iter().enumerate() {
+        let partner = params.perm[i];
+        label_partners.push(if s.method.has_partner() { partner } else { i } as u32);
+        let area_ratio = s.box_a.area() as f64 / pixels;
+        match (s.method, pastes[i]) {
+            (Method::Mixup, _) => {
+                lam_a[i] = s.lam;
+                lam_b[i] = 1.0 - s.lam;
+            }
+            (Method::CutMix | Method::AsCutMix, Paste::Region { .. }) => {
+                lam_a[i] = 1.0 - area_ratio;
+                lam_b[i] = area_ratio;
+            }
+            _ => {}
+        }
+    }
+    for (k, &i) in snap.iter().enumerate() {
+        let m = &masses[k * 4..k * 4 + 4];
+        let mut a = 1.0 - m[0] / (m[1] + 1e-8);
+        let mut b = m[2] / (m[3] + 1e-8);
+        if params.same_label_rule && checked.targets[i] == checked.targets[params.perm[i]] {
+            (a, b) = (a + b, b + a);
+        }
+        let area_ratio = params.samples[i].box_a.area() as f64 / pixels;
+        lam_a[i] = if a.is_nan() { 1.0 - area_ratio } else { a };
+        lam_b[i] = if b.is_nan() { area_ratio } else { b };
+    }
+    Ok(Weights {
+        pastes,
+        label_partners,
+        lam_a: lam_a.into_iter().map(|v| v as f32).collect(),
+        lam_b: lam_b.into_iter().map(|v| v as f32).collect(),
+    })
+}
+
+/// The pixel operation of one sample, with the official paste conditions.
+fn paste_of(s: &SampleMix, partner: usize) -> Paste {
+    let region = |min_area: usize| {
+        if s.box_a.area() > min_area && s.box_b.area() > min_area {
+            Paste::Region {
+                partner,
+                from: s.box_b,
+                to: s.box_a,
+            }
+        } else {
+            Paste::Keep
+        }
+    };
+    match s.method {
+        Method::None => Paste::Keep,
+        Method::Cutout if s.box_a.area() > 0 => Paste::Zero(s.box_a),
+        Method::Cutout => Paste::Keep,
+        Method::Mixup => Paste::Blend {
+            partner,
+            lam: s.lam,
+        },
+        Method::SnapMix | Method::CutMix => region(0),
+        Method::AsCutMix => region(4),
+    }
+}
+
+fn finish(images: Tensor, targets: &Tensor, w: &Weights) -> Result<MixedBatch> {
+    let batch = w.lam_a.len();
+    let partners = Tensor::from_slice(&w.label_partners, batch, targets.device())?;
+    let device: &Device = images.device();
+    Ok(MixedBatch {
+        targets_a: targets.clone(),
+        targets_b: targets.index_select(&partners, 0)?,
+        lam_a: Tensor::from_slice(&w.lam_a, batch, device)?,
+        lam_b: Tensor::from_slice(&w.lam_b, batch, device)?,
+        images,
+    })
+}
