@@ -40,7 +40,9 @@ pub fn decode_rgb_with(bytes: &[u8], jpeg: JpegDecoder) -> Result<RgbImage, Stri
 fn decode_jpeg_zune(bytes: &[u8]) -> Result<RgbImage, String> {
     let options = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB);
     let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
-    let pixels = decoder.decode().map_err(|e| e.to_string())?;
+    let pixels = decoder
+        .decode()
+        .map_err(|e| e.to_string().trim().to_string())?;
     let info = decoder
         .info()
         .ok_or_else(|| "JPEG without image information".to_string())?;

@@ -6,6 +6,8 @@
 //! or training.
 
 pub mod aircraft;
+#[cfg(feature = "candle-datasets")]
+pub mod candle_dataset;
 pub mod cars;
 pub mod cub;
 mod dataset;

@@ -4,9 +4,11 @@
 //! (seed, split, index), so the set has any size at no memory cost, and comes with its
 //! ground-truth part mask.
 
+use candle_core::{Device, Tensor};
 use image::{GrayImage, Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::dataset::ImageDataset;
 use crate::error::DataError;
@@ -283,6 +285,32 @@ fn draw_part(image: &mut RgbImage, code: u8, part: PartBox, cell_px: usize, rng:
     }
 }
 
+impl SyntheticSet {
+    /// The whole split as tensors, rendered in parallel: images `[len, 3, size, size]` f32 in
+    /// [0, 1] (not normalised, as candle's vision datasets) and labels `[len]` u8.
+    pub fn to_tensors(&self, device: &Device) -> Result<(Tensor, Tensor), DataError> {
+        let size = self.config.size;
+        let plane = size * size;
+        let mut images = vec![0f32; self.len() * 3 * plane];
+        images
+            .par_chunks_mut(3 * plane)
+            .enumerate()
+            .for_each(|(index, out)| {
+                let sample = self.sample(index);
+                for (i, pixel) in sample.image.pixels().enumerate() {
+                    for c in 0..3 {
+                        out[c * plane + i] = f32::from(pixel[c]) / 255.0;
+                    }
+                }
+            });
+        let labels: Vec<u8> = (0..self.len()).map(|i| self.label(i) as u8).collect();
+        Ok((
+            Tensor::from_vec(images, (self.len(), 3, size, size), device)?,
+            Tensor::from_vec(labels, self.len(), device)?,
+        ))
+    }
+}
+
 impl ImageDataset for SyntheticSet {
     fn len(&self) -> usize {
         self.per_class() * self.codes.len()
@@ -387,6 +415,36 @@ mod tests {
             .collect();
         assert!(!differing.is_empty());
         assert!(differing.iter().all(|&i| s.mask.as_raw()[i] == 255));
+    }
+
+    #[test]
+    fn tensors_hold_the_rendered_images() {
+        let config = SyntheticConfig {
+            train_per_class: 1,
+            size: 16,
+            ..Default::default()
+        };
+        let set = SyntheticSet::new(&config, Split::Train).unwrap();
+        let (images, labels) = set.to_tensors(&Device::Cpu).unwrap();
+        assert_eq!(images.dims(), &[10, 3, 16, 16]);
+        assert_eq!(
+            labels.to_vec1::<u8>().unwrap(),
+            (0..10).collect::<Vec<u8>>()
+        );
+        let pixel = set.sample(3).image.get_pixel(5, 2).0;
+        let green = images
+            .get(3)
+            .unwrap()
+            .get(1)
+            .unwrap()
+            .get(2)
+            .unwrap()
+            .get(5)
+            .unwrap();
+        assert_eq!(
+            green.to_scalar::<f32>().unwrap(),
+            f32::from(pixel[1]) / 255.0
+        );
     }
 
     #[test]
