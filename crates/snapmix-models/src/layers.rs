@@ -44,7 +44,7 @@ pub(crate) fn torch_default_bound(fan_in: usize) -> f64 {
 
 /// The convolution math: `x` `[B, Cin, rows, cols]` with `weight` `[Cout, Cin, k, k]`.
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    x.conv2d(weight, padding, stride, 1, 1)
+    crate::ops::conv2d::conv2d(x, weight, stride, padding)
 }
 
 /// Training-mode batch norm over `[B, C, rows, cols]`: returns the normalised output and the
@@ -56,17 +56,7 @@ pub fn batch_norm_train(
     beta: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (batch, channels, rows, cols) = x.dims4()?;
-    let count = (batch * rows * cols) as f64;
-    let mean = (x.sum_keepdim((0, 2, 3))? / count)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let var = (centered.sqr()?.sum_keepdim((0, 2, 3))? / count)?;
-    let scale = (var.affine(1.0, eps)?.sqrt()?.recip()?)
-        .broadcast_mul(&gamma.reshape((1, channels, 1, 1))?)?;
-    let y = centered
-        .broadcast_mul(&scale)?
-        .broadcast_add(&beta.reshape((1, channels, 1, 1))?)?;
-    Ok((y, mean.flatten_all()?, var.flatten_all()?))
+    crate::ops::batch_norm::batch_norm_train(x, gamma, beta, eps, false)
 }
 
 /// Evaluation-mode batch norm with fixed statistics, as one scale and shift per channel.

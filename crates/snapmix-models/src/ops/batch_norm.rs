@@ -2,7 +2,7 @@
 //! direction: one pass for the batch statistics, one for the output; backward likewise.
 
 use super::cpu::{cpu_tensor, storage_f32, with_tensor_f32};
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
 
@@ -15,7 +15,8 @@ use std::sync::{Arc, OnceLock};
 ///
 /// On the CPU with f32 tensors this is the fused custom op, which keeps only the per-channel mean
 /// and inverse standard deviation for backward (the ReLU mask is read from the output). Other
-/// devices and dtypes use composed candle ops until their path exists.
+/// devices and dtypes use composed candle ops until their path exists, as does every call after
+/// [`set_composed_ops(true)`](super::dispatch::set_composed_ops).
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
@@ -27,7 +28,10 @@ pub fn batch_norm_train(
     if eps.is_nan() || eps <= 0.0 {
         bail!("batch_norm_train: eps must be positive, got {eps}");
     }
-    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 {
+    if !matches!(x.device(), Device::Cpu)
+        || x.dtype() != DType::F32
+        || super::dispatch::composed_ops()
+    {
         return reference(x, gamma, beta, eps, relu);
     }
     let x = x.contiguous()?;
@@ -39,7 +43,11 @@ pub fn batch_norm_train(
         input_grad: x.track_op(),
         stats: stats.clone(),
     };
-    let output = x.apply_op3_arc(&gamma.contiguous()?, &beta.contiguous()?, Arc::new(Box::new(op)))?;
+    let output = x.apply_op3_arc(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        Arc::new(Box::new(op)),
+    )?;
     let Some(stats) = stats.get() else {
         bail!("batch_norm_train: the forward pass left no statistics");
     };
@@ -58,20 +66,27 @@ fn reference(
     relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let channels = x.dim(1)?;
-    let flat = x.transpose(0, 1)?.flatten_from(1)?; // [C, N*pixels]
-    let mean = flat.mean(D::Minus1)?;
-    let centred = flat.broadcast_sub(&mean.unsqueeze(1)?)?;
-    let var = centred.sqr()?.mean(D::Minus1)?;
+    let reduced: Vec<usize> = (0..x.rank()).filter(|&axis| axis != 1).collect();
+    let count = (x.elem_count() / channels) as f64;
     let mut stat_shape = vec![1; x.rank()];
     stat_shape[1] = channels;
-    let normed = x
-        .broadcast_sub(&mean.reshape(stat_shape.as_slice())?)?
-        .broadcast_div(&(var.reshape(stat_shape.as_slice())? + eps)?.sqrt()?)?;
-    let out = normed
-        .broadcast_mul(&gamma.reshape(stat_shape.as_slice())?)?
+    let mean = (x.sum_keepdim(reduced.as_slice())? / count)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = (centred.sqr()?.sum_keepdim(reduced.as_slice())? / count)?;
+    let scale = var
+        .affine(1.0, eps)?
+        .sqrt()?
+        .recip()?
+        .broadcast_mul(&gamma.reshape(stat_shape.as_slice())?)?;
+    let out = centred
+        .broadcast_mul(&scale)?
         .broadcast_add(&beta.reshape(stat_shape.as_slice())?)?;
     let out = if relu { out.relu()? } else { out };
-    Ok((out, mean.detach(), var.detach()))
+    Ok((
+        out,
+        mean.flatten_all()?.detach(),
+        var.flatten_all()?.detach(),
+    ))
 }
 
 /// Axis sizes: `batch` images, `channels`, `pixels` per image and channel.

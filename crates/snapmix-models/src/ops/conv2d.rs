@@ -11,10 +11,13 @@ use std::sync::Arc;
 ///
 /// On the CPU with f32 tensors this runs the GEMM-based custom op, whose backward pass skips the
 /// input gradient when `x` is not trainable (neither a variable nor computed from one, e.g. the
-/// image batch). Other devices and dtypes use candle's own conv2d until their path exists.
+/// image batch). Other devices and dtypes use candle's own conv2d until their path exists, as
+/// does every call after [`set_composed_ops(true)`](super::dispatch::set_composed_ops).
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let geometry = ConvGeometry::new(x.dims(), weight.dims(), stride, padding)?;
-    let fast = matches!(x.device(), Device::Cpu) && x.dtype() == candle_core::DType::F32;
+    let fast = matches!(x.device(), Device::Cpu)
+        && x.dtype() == candle_core::DType::F32
+        && !super::dispatch::composed_ops();
     if !fast {
         return x.conv2d(weight, padding, stride, 1, 1);
     }
@@ -51,7 +54,9 @@ impl ConvGeometry {
             bail!("conv2d: expected NCHW input and OIHW weight, got {x_dims:?} and {w_dims:?}");
         };
         if w_in != in_channels {
-            bail!("conv2d: input has {in_channels} channels but the weight {w_dims:?} expects {w_in}");
+            bail!(
+                "conv2d: input has {in_channels} channels but the weight {w_dims:?} expects {w_in}"
+            );
         }
         if stride == 0 {
             bail!("conv2d: stride must be at least 1");
@@ -189,7 +194,12 @@ fn backward(
     {
         let mut col = Scratch::take(k * np);
         im2col(g, x, &mut col);
-        matmul(&mut grad_w, false, grad_cm, MatRef::row_major(&col, k, np).t())?;
+        matmul(
+            &mut grad_w,
+            false,
+            grad_cm,
+            MatRef::row_major(&col, k, np).t(),
+        )?;
     }
 
     let grad_x = if input_grad {
@@ -230,7 +240,10 @@ fn valid_out_cols(g: &ConvGeometry, kernel_col: usize) -> (usize, usize) {
     let hi = (g.cols + g.padding)
         .saturating_sub(kernel_col)
         .div_ceil(g.stride);
-    (lo.min(g.out_cols), hi.min(g.out_cols).max(lo.min(g.out_cols)))
+    (
+        lo.min(g.out_cols),
+        hi.min(g.out_cols).max(lo.min(g.out_cols)),
+    )
 }
 
 /// Fills `col [C*KH*KW, N*P]`: row (c, kh, kw), column (n, out_row, out_col) holds the input
@@ -240,7 +253,11 @@ fn im2col(g: &ConvGeometry, x: &[f32], col: &mut [f32]) {
     let taps = g.kernel_rows * g.kernel_cols;
     let image_pixels = g.rows * g.cols;
     col.par_chunks_mut(np).enumerate().for_each(|(row, dst)| {
-        let (c, kh, kw) = (row / taps, (row % taps) / g.kernel_cols, row % g.kernel_cols);
+        let (c, kh, kw) = (
+            row / taps,
+            (row % taps) / g.kernel_cols,
+            row % g.kernel_cols,
+        );
         let (lo, hi) = valid_out_cols(g, kw);
         for n in 0..g.batch {
             let src = &x[(n * g.in_channels + c) * image_pixels..][..image_pixels];
@@ -364,7 +381,10 @@ mod tests {
         let ours = conv2d(&x, &w, stride, padding)?;
         assert_eq!(ours.dims(), reference.dims());
         let err = rel_err(&ours, &reference)?;
-        assert!(err < 1e-5, "forward {x_dims:?} {w_dims:?} s{stride} p{padding}: {err}");
+        assert!(
+            err < 1e-5,
+            "forward {x_dims:?} {w_dims:?} s{stride} p{padding}: {err}"
+        );
 
         // A random linear loss, so every output element gets a distinct gradient.
         let probe = random(&mut rng, reference.dims())?;

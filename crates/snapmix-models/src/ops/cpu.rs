@@ -242,7 +242,10 @@ mod tests {
         // (5x7) * (7x6), and (7x5)^T * (6x7)^T
         for (lhs, rhs) in [
             (MatRef::row_major(&a, 5, 7), MatRef::row_major(&b, 7, 6)),
-            (MatRef::row_major(&a, 7, 5).t(), MatRef::row_major(&b, 6, 7).t()),
+            (
+                MatRef::row_major(&a, 7, 5).t(),
+                MatRef::row_major(&b, 6, 7).t(),
+            ),
         ] {
             let expected = naive(lhs, rhs);
             let mut dst = vec![0.0; 30];
