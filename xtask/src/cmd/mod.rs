@@ -7,6 +7,7 @@ pub mod bench_train;
 pub mod data_stats;
 pub mod dist;
 pub mod eval;
+pub mod label_fidelity;
 pub mod plot;
 pub mod show_mix;
 pub mod train;
