@@ -143,9 +143,10 @@ impl Upsample {
         }
     }
 
-    /// Upsamples a batch of CAMs `[B, h, w]` and normalises each into an SPM `[B, rows, cols]`
-    /// in a single write pass; degenerate samples are left all zero.
-    pub(crate) fn spm(&self, cam: &[f32]) -> (Vec<f32>, Vec<Norm>) {
+    /// Prepares a batch of CAMs `[B, h, w]` for normalisation: every CAM row interpolated
+    /// along the columns (`[B, h, cols]`, small) and each sample's min and sum. Enough for box
+    /// sums; the full-size maps are written only if asked for ([`Upsample::write`]).
+    pub(crate) fn prepare(&self, cam: &[f32]) -> (Vec<f32>, Vec<Norm>) {
         let plane = self.h * self.w;
         let extreme_rows = self.row_taps.extreme_positions();
         let prepared: Vec<(Vec<f32>, Norm)> = cam
@@ -156,22 +157,38 @@ impl Upsample {
                 (colint, norm)
             })
             .collect();
-        let mut maps = vec![0.0f32; prepared.len() * self.rows * self.cols];
+        let norms = prepared.iter().map(|(_, n)| *n).collect();
+        (prepared.into_iter().flat_map(|(c, _)| c).collect(), norms)
+    }
+
+    /// Writes the SPMs `[B, rows, cols]` in a single pass from [`Upsample::prepare`]'s output;
+    /// degenerate samples are left all zero.
+    pub(crate) fn write(&self, colint: &[f32], norms: &[Norm]) -> Vec<f32> {
+        let per_sample = self.h * self.cols;
+        let mut maps = vec![0.0f32; norms.len() * self.rows * self.cols];
         maps.par_chunks_mut(self.cols)
             .with_min_len(16)
             .enumerate()
             .for_each(|(g, out)| {
-                let (colint, norm) = &prepared[g / self.rows];
+                let b = g / self.rows;
+                let norm = norms[b];
                 if norm.degenerate {
                     return;
                 }
+                let colint = &colint[b * per_sample..(b + 1) * per_sample];
                 let scale = (1.0 / norm.sum) as f32;
-                let min = norm.min;
                 for (o, v) in out.iter_mut().zip(self.output_row(colint, g % self.rows)) {
-                    *o = ((v - min) * scale).max(0.0);
+                    *o = ((v - norm.min) * scale).max(0.0);
                 }
             });
-        (maps, prepared.into_iter().map(|(_, n)| n).collect())
+        maps
+    }
+
+    /// [`Upsample::prepare`] then [`Upsample::write`].
+    #[cfg(test)]
+    pub(crate) fn spm(&self, cam: &[f32]) -> (Vec<f32>, Vec<Norm>) {
+        let (colint, norms) = self.prepare(cam);
+        (self.write(&colint, &norms), norms)
     }
 }
 

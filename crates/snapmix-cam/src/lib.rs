@@ -18,7 +18,7 @@
 //! let labels = Tensor::new(&[2u32, 0], &dev)?;
 //!
 //! let spm = semantic_percent_maps(&features, &weight, Some(&bias), &labels, (32, 32))?;
-//! assert_eq!(spm.maps().dims(), &[2, 32, 32]);
+//! assert_eq!(spm.maps()?.dims(), &[2, 32, 32]);
 //! assert_eq!(spm.cam().dims(), &[2, 4, 4]);
 //! // Each non-degenerate map sums to one; a box holds a share of that mass.
 //! let whole = spm.box_sums(&[0, 1], &[PixelBox::full(32, 32); 2])?;

@@ -4,6 +4,7 @@
 use crate::cpu::{gather_cam, Norm, Upsample};
 use crate::{composed, CamError, PixelBox, Result};
 use candle_core::{DType, Device, Storage, Tensor};
+use std::sync::OnceLock;
 
 /// Semantic percent maps of a batch: each sample's CAM for its own label, bilinearly upsampled
 /// to the image size, shifted to a minimum of 0 and divided by its sum (so it sums to 1).
@@ -13,7 +14,10 @@ use candle_core::{DType, Device, Storage, Tensor};
 /// to area-based label weights as the official SnapMix does.
 #[derive(Debug, Clone)]
 pub struct Spm {
-    maps: Tensor,
+    /// Full-size maps, written on first use (mixing needs only box sums).
+    maps: OnceLock<Tensor>,
+    /// Column-interpolated CAM rows `[B, h, cols]` the fused path writes the maps from.
+    colint: Vec<f32>,
     cam: Tensor,
     cam_host: Vec<f32>,
     norms: Vec<Norm>,
@@ -21,9 +25,15 @@ pub struct Spm {
 }
 
 impl Spm {
-    /// The SPMs `[B, rows, cols]` (f32; all zero for degenerate samples).
-    pub fn maps(&self) -> &Tensor {
-        &self.maps
+    /// The SPMs `[B, rows, cols]` (f32; all zero for degenerate samples). The fused path
+    /// writes them on the first call only: mixing needs just [`Spm::box_sums`].
+    pub fn maps(&self) -> Result<Tensor> {
+        if let Some(maps) = self.maps.get() {
+            return Ok(maps.clone());
+        }
+        let maps = self.upsample.write(&self.colint, &self.norms);
+        let maps = Tensor::from_vec(maps, (self.batch(), self.rows(), self.cols()), &Device::Cpu)?;
+        Ok(self.maps.get_or_init(|| maps).clone())
     }
 
     /// The raw CAMs `[B, h, w]` before upsampling and normalisation, for visualisation.
@@ -92,7 +102,8 @@ impl Spm {
 /// `F.interpolate` semantics), minus its minimum, divided by its sum.
 ///
 /// Only the B needed classifier rows are used (the official code computes all K maps). On CPU
-/// with f32 inputs this runs fused kernels; on other devices or dtypes it falls back to
+/// with f32 inputs this runs fused kernels and writes the full-size maps only when
+/// [`Spm::maps`] is called; on other devices or dtypes it falls back to
 /// [`semantic_percent_maps_composed`]. Bad shapes, a C or K mismatch, labels outside `0..K`
 /// and an empty size are errors; degenerate samples are flagged, never a panic.
 pub fn semantic_percent_maps(
@@ -127,11 +138,11 @@ pub fn semantic_percent_maps(
         )
     };
     let upsample = Upsample::new(inputs.h, inputs.w, rows, cols);
-    let (maps, norms) = upsample.spm(&cam_host);
-    let device = Device::Cpu;
+    let (colint, norms) = upsample.prepare(&cam_host);
     Ok(Spm {
-        maps: Tensor::from_vec(maps, (inputs.batch, rows, cols), &device)?,
-        cam: Tensor::from_slice(&cam_host, (inputs.batch, inputs.h, inputs.w), &device)?,
+        maps: OnceLock::new(),
+        colint,
+        cam: Tensor::from_slice(&cam_host, (inputs.batch, inputs.h, inputs.w), &Device::Cpu)?,
         cam_host,
         norms,
         upsample,
@@ -163,7 +174,8 @@ fn composed_spm(inputs: &Inputs<'_>) -> Result<Spm> {
     let cam_host = cam.flatten_all()?.to_vec1::<f32>()?;
     let (maps, norms) = composed::finish(maps, &cam_host, &stats)?;
     Ok(Spm {
-        maps,
+        maps: OnceLock::from(maps),
+        colint: Vec::new(),
         cam,
         cam_host,
         norms,

@@ -25,6 +25,7 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 
 fn maps(spm: &Spm) -> Vec<f32> {
     spm.maps()
+        .expect("maps")
         .flatten_all()
         .and_then(|t| t.to_vec1())
         .expect("f32 maps")
@@ -170,7 +171,7 @@ fn half_precision_inputs_take_the_composed_path() {
         (8, 8),
     )
     .unwrap();
-    assert_eq!(f16_spm.maps().dtype(), DType::F32);
+    assert_eq!(f16_spm.maps().unwrap().dtype(), DType::F32);
     assert!(max_abs_diff(&maps(&f32_spm), &maps(&f16_spm)) < 2e-3);
 }
 
@@ -332,7 +333,7 @@ fn cam_source_helper_uses_the_images_size() {
     let images = randn(&[2, 3, 8, 12], 13);
     let targets = Tensor::new(&[3u32, 0], &Device::Cpu).unwrap();
     let spm = toy.semantic_percent_maps(&images, &targets, true).unwrap();
-    assert_eq!(spm.maps().dims(), &[2, 8, 12]);
+    assert_eq!(spm.maps().unwrap().dims(), &[2, 8, 12]);
     assert_eq!(spm.cam().dims(), &[2, 2, 3]);
     let direct = semantic_percent_maps(
         &images.avg_pool2d(4).unwrap(),

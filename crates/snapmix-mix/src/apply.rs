@@ -55,16 +55,47 @@ pub fn apply(
     spm: Option<&Spm>,
 ) -> Result<MixedBatch> {
     let checked = check(params, images, targets, spm)?;
-    let weights = label_weights(params, &checked, |requests| {
-        let spm = spm.ok_or(MixError::MissingSpm)?;
-        let (samples, boxes): (Vec<usize>, Vec<PixelBox>) = requests.iter().copied().unzip();
-        Ok(spm.box_sums(&samples, &boxes)?)
-    })?;
+    let weights = label_weights(params, &checked, |requests| exact_box_sums(spm, requests))?;
     let mixed = match cpu::mix_images(images, &weights.pastes)? {
         Some(mixed) => mixed,
         None => composed::mix_images(images, &weights.pastes)?,
     };
     finish(mixed, targets, &weights)
+}
+
+/// [`apply`] writing the mixed pixels into `images` itself, as the official code does: no
+/// batch copy, and on CPU only the pasted boxes are touched (Mixup rewrites every image).
+/// `images` must be contiguous and must not share its storage with a tensor you still need
+/// unmixed; the returned `MixedBatch::images` is `images`. Off CPU the composed path computes
+/// the mix and copies it back.
+pub fn apply_in_place(
+    params: &MixParams,
+    images: &Tensor,
+    targets: &Tensor,
+    spm: Option<&Spm>,
+) -> Result<MixedBatch> {
+    let checked = check(params, images, targets, spm)?;
+    if !images.is_contiguous() {
+        return Err(MixError::Shape {
+            what: "images (in place)",
+            expected: "a contiguous tensor".into(),
+            got: images.dims().to_vec(),
+        });
+    }
+    let weights = label_weights(params, &checked, |requests| exact_box_sums(spm, requests))?;
+    let (_, channels, rows, cols) = images.dims4()?;
+    if images.device().is_cpu() && images.dtype() == DType::F32 {
+        images.inplace_op1(&cpu::MixInPlace {
+            pastes: &weights.pastes,
+            channels,
+            rows,
+            cols,
+        })?;
+    } else {
+        let mixed = composed::mix_images(images, &weights.pastes)?;
+        images.slice_set(&mixed, 0, 0)?;
+    }
+    finish(images.clone(), targets, &weights)
 }
 
 /// [`apply`] computed with plain composed candle ops (index_select, narrow, sum,
@@ -82,6 +113,13 @@ pub fn apply_composed(
     })?;
     let mixed = composed::mix_images(images, &weights.pastes)?;
     finish(mixed, targets, &weights)
+}
+
+/// Box sums from the low-resolution CAM (see [`Spm::box_sums`]).
+fn exact_box_sums(spm: Option<&Spm>, requests: &[(usize, PixelBox)]) -> Result<Vec<f64>> {
+    let spm = spm.ok_or(MixError::MissingSpm)?;
+    let (samples, boxes): (Vec<usize>, Vec<PixelBox>) = requests.iter().copied().unzip();
+    Ok(spm.box_sums(&samples, &boxes)?)
 }
 
 /// Validated inputs: the labels on the host.

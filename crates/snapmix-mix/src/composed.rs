@@ -19,7 +19,7 @@ pub(crate) fn box_sums(spm: &Spm, requests: &[(usize, PixelBox)]) -> Result<Vec<
         let sums = if bbox.area() == 0 {
             vec![0.0; spm.batch()]
         } else {
-            spm.maps()
+            spm.maps()?
                 .narrow(1, bbox.row0, bbox.rows())?
                 .narrow(2, bbox.col0, bbox.cols())?
                 .sum((1, 2))?

@@ -2,12 +2,12 @@
 //! the input outside the pasted box and resampling the partner inside it.
 
 use crate::apply::Paste;
-use candle_core::{DType, Storage, Tensor};
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor};
 use rayon::prelude::*;
 use snapmix_cam::PixelBox;
 
-/// Mixes `images` `[B, channels, rows, cols]` by `pastes`; `None` when the tensor is not a CPU
-/// f32 tensor (the caller then uses the composed path).
+/// Mixes `images` `[B, channels, rows, cols]` by `pastes` into a new tensor; `None` when the
+/// tensor is not a CPU f32 tensor (the caller then uses the composed path).
 pub(crate) fn mix_images(images: &Tensor, pastes: &[Paste]) -> candle_core::Result<Option<Tensor>> {
     if !images.device().is_cpu() || images.dtype() != DType::F32 {
         return Ok(None);
@@ -30,7 +30,7 @@ pub(crate) fn mix_images(images: &Tensor, pastes: &[Paste]) -> candle_core::Resu
     )?))
 }
 
-/// The kernel over a contiguous slice.
+/// The out-of-place kernel over a contiguous slice: each output plane is written once.
 fn mix_planes(
     images: &[f32],
     pastes: &[Paste],
@@ -39,40 +39,32 @@ fn mix_planes(
     cols: usize,
 ) -> Vec<f32> {
     let plane = rows * cols;
-    let resizes: Vec<Option<Resize>> = pastes
-        .iter()
-        .map(|p| match *p {
-            Paste::Region { from, to, .. } => Some(Resize::new(from, to)),
-            _ => None,
-        })
-        .collect();
+    let resizes = prepare_resizes(pastes);
     let mut out = vec![0.0f32; images.len()];
     out.par_chunks_mut(plane).enumerate().for_each(|(g, dst)| {
         let (b, channel) = (g / channels, g % channels);
         let own = &images[g * plane..(g + 1) * plane];
         let partner_plane = |p: usize| {
-            &images[(p * channels + channel) * plane..(p * channels + channel + 1) * plane]
+            let start = (p * channels + channel) * plane;
+            &images[start..start + plane]
         };
         match pastes[b] {
             Paste::Keep => dst.copy_from_slice(own),
             Paste::Zero(bbox) => {
                 dst.copy_from_slice(own);
-                for r in bbox.row0..bbox.row1 {
-                    dst[r * cols + bbox.col0..r * cols + bbox.col1].fill(0.0);
-                }
+                zero_box(dst, cols, bbox);
             }
-            Paste::Blend { partner, lam } => {
-                // As PyTorch: `x * lam + x_b * (1 - lam)` with both scalars rounded to f32.
-                let (wa, wb) = (lam as f32, (1.0 - lam) as f32);
-                for ((d, &a), &p) in dst.iter_mut().zip(own).zip(partner_plane(partner)) {
-                    *d = a * wa + p * wb;
-                }
-            }
-            Paste::Region { partner, to, .. } => {
+            Paste::Blend { partner, lam } => blend(dst, own, partner_plane(partner), lam),
+            Paste::Region { partner, from, to } => {
                 let resize = resizes[b]
                     .as_ref()
-                    .expect("a resize is prepared for every region paste");
-                let src = partner_plane(partner);
+                    .expect("prepared for every region paste");
+                let source = View {
+                    data: partner_plane(partner),
+                    stride: cols,
+                    row0: from.row0,
+                    col0: from.col0,
+                };
                 for (r, (d, o)) in dst
                     .chunks_exact_mut(cols)
                     .zip(own.chunks_exact(cols))
@@ -80,20 +72,152 @@ fn mix_planes(
                 {
                     if r < to.row0 || r >= to.row1 {
                         d.copy_from_slice(o);
-                        continue;
+                    } else {
+                        d[..to.col0].copy_from_slice(&o[..to.col0]);
+                        d[to.col1..].copy_from_slice(&o[to.col1..]);
                     }
-                    d[..to.col0].copy_from_slice(&o[..to.col0]);
-                    d[to.col1..].copy_from_slice(&o[to.col1..]);
-                    resize.row(src, cols, r - to.row0, &mut d[to.col0..to.col1]);
                 }
+                resize.paste(&source, dst, cols, to);
             }
         }
     });
     out
 }
 
+/// Mixes a contiguous f32 batch in place: only the pasted boxes (or, for Mixup, the blended
+/// images) are written; partner patches are copied out first so no source is read after it
+/// has been overwritten.
+pub(crate) struct MixInPlace<'a> {
+    pub pastes: &'a [Paste],
+    pub channels: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl InplaceOp1 for MixInPlace<'_> {
+    fn name(&self) -> &'static str {
+        "snapmix-mix-in-place"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("{}: images must be f32", self.name());
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{}: images must be contiguous", self.name());
+        };
+        self.run(&mut data[start..end]);
+        Ok(())
+    }
+}
+
+impl MixInPlace<'_> {
+    fn run(&self, data: &mut [f32]) {
+        let (channels, cols) = (self.channels, self.cols);
+        let plane = self.rows * cols;
+        let resizes = prepare_resizes(self.pastes);
+        // Sources: the whole batch for blends, else just each partner's box_b (all channels).
+        let blends = self.pastes.iter().any(|p| matches!(p, Paste::Blend { .. }));
+        let snapshot = if blends { data.to_vec() } else { Vec::new() };
+        let patches: Vec<Vec<f32>> = self
+            .pastes
+            .iter()
+            .map(|p| match *p {
+                Paste::Region { partner, from, .. } if !blends => {
+                    let mut patch = Vec::with_capacity(channels * from.area());
+                    for channel in 0..channels {
+                        let base = (partner * channels + channel) * plane;
+                        for r in from.row0..from.row1 {
+                            patch.extend_from_slice(
+                                &data[base + r * cols + from.col0..base + r * cols + from.col1],
+                            );
+                        }
+                    }
+                    patch
+                }
+                _ => Vec::new(),
+            })
+            .collect();
+        data.par_chunks_mut(plane).enumerate().for_each(|(g, dst)| {
+            let (b, channel) = (g / channels, g % channels);
+            match self.pastes[b] {
+                Paste::Keep => {}
+                Paste::Zero(bbox) => zero_box(dst, cols, bbox),
+                Paste::Blend { partner, lam } => {
+                    let start = (partner * channels + channel) * plane;
+                    let own = &snapshot[g * plane..(g + 1) * plane];
+                    blend(dst, own, &snapshot[start..start + plane], lam);
+                }
+                Paste::Region { partner, from, to } => {
+                    let resize = resizes[b]
+                        .as_ref()
+                        .expect("prepared for every region paste");
+                    let source = if blends {
+                        let start = (partner * channels + channel) * plane;
+                        View {
+                            data: &snapshot[start..start + plane],
+                            stride: cols,
+                            row0: from.row0,
+                            col0: from.col0,
+                        }
+                    } else {
+                        let size = from.area();
+                        View {
+                            data: &patches[b][channel * size..(channel + 1) * size],
+                            stride: from.cols(),
+                            row0: 0,
+                            col0: 0,
+                        }
+                    };
+                    resize.paste(&source, dst, cols, to);
+                }
+            }
+        });
+    }
+}
+
+fn prepare_resizes(pastes: &[Paste]) -> Vec<Option<Resize>> {
+    pastes
+        .iter()
+        .map(|p| match *p {
+            Paste::Region { from, to, .. } => Some(Resize::new(from, to)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn zero_box(dst: &mut [f32], cols: usize, bbox: PixelBox) {
+    for r in bbox.row0..bbox.row1 {
+        dst[r * cols + bbox.col0..r * cols + bbox.col1].fill(0.0);
+    }
+}
+
+/// As PyTorch: `x * lam + x_b * (1 - lam)` with both scalars rounded to f32.
+fn blend(dst: &mut [f32], own: &[f32], partner: &[f32], lam: f64) {
+    let (wa, wb) = (lam as f32, (1.0 - lam) as f32);
+    for ((d, &a), &p) in dst.iter_mut().zip(own).zip(partner) {
+        *d = a * wa + p * wb;
+    }
+}
+
+/// A box of a source plane: row `i` of the box starts at `data[(row0 + i) * stride + col0]`.
+struct View<'a> {
+    data: &'a [f32],
+    stride: usize,
+    row0: usize,
+    col0: usize,
+}
+
+impl View<'_> {
+    fn line(&self, i: usize, len: usize) -> &[f32] {
+        let start = (self.row0 + i) * self.stride + self.col0;
+        &self.data[start..start + len]
+    }
+}
+
 /// Bilinear resize of a partner box into the target box with `align_corners = true`, as the
-/// official code's `F.interpolate` of the cut patch (PyTorch's f32 arithmetic and order).
+/// official code's `F.interpolate` of the cut patch (PyTorch's f32 arithmetic and order: the
+/// columns first, then a blend of two such rows).
 struct Resize {
     from: PixelBox,
     same_size: bool,
@@ -111,24 +235,36 @@ impl Resize {
         }
     }
 
-    /// Writes output row `r` of the box (relative to its top) from the partner plane `src`.
-    #[inline]
-    fn row(&self, src: &[f32], cols: usize, r: usize, out: &mut [f32]) {
-        let line = |i: usize| {
-            let start = (self.from.row0 + i) * cols + self.from.col0;
-            &src[start..start + self.from.cols()]
+    /// Writes the resized box `source` into box `to` of the plane `dst` (row stride `cols`).
+    fn paste(&self, source: &View<'_>, dst: &mut [f32], cols: usize, to: PixelBox) {
+        let width = to.cols();
+        let out_row = |r: usize| {
+            let start = (to.row0 + r) * cols + to.col0;
+            start..start + width
         };
         if self.same_size {
-            out.copy_from_slice(line(r));
+            for r in 0..to.rows() {
+                let range = out_row(r);
+                dst[range].copy_from_slice(source.line(r, width));
+            }
             return;
         }
-        let (top, bottom) = (line(self.row_taps.i0[r]), line(self.row_taps.i1[r]));
-        let (rw0, rw1) = (self.row_taps.w0[r], self.row_taps.w1[r]);
+        // Every source row interpolated along the columns once, then two rows blended per output row.
         let t = &self.col_taps;
-        for (c, o) in out.iter_mut().enumerate() {
-            let (j0, j1, cw0, cw1) = (t.i0[c], t.i1[c], t.w0[c], t.w1[c]);
-            *o =
-                (top[j0] * cw0 + top[j1] * cw1) * rw0 + (bottom[j0] * cw0 + bottom[j1] * cw1) * rw1;
+        let mut colint = Vec::with_capacity(self.from.rows() * width);
+        for i in 0..self.from.rows() {
+            let line = source.line(i, self.from.cols());
+            colint.extend((0..width).map(|c| line[t.i0[c]] * t.w0[c] + line[t.i1[c]] * t.w1[c]));
+        }
+        for r in 0..to.rows() {
+            let (i0, i1) = (self.row_taps.i0[r], self.row_taps.i1[r]);
+            let (w0, w1) = (self.row_taps.w0[r], self.row_taps.w1[r]);
+            let top = &colint[i0 * width..(i0 + 1) * width];
+            let bottom = &colint[i1 * width..(i1 + 1) * width];
+            let range = out_row(r);
+            for ((o, &a), &b) in dst[range].iter_mut().zip(top).zip(bottom) {
+                *o = a * w0 + b * w1;
+            }
         }
     }
 }

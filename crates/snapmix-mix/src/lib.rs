@@ -43,7 +43,7 @@ mod error;
 mod loss;
 mod params;
 
-pub use apply::{apply, apply_composed, MixedBatch};
+pub use apply::{apply, apply_composed, apply_in_place, MixedBatch};
 pub use config::{rand_bbox, MixConfig, MixMode};
 pub use error::{MixError, Result};
 pub use loss::mixed_cross_entropy;

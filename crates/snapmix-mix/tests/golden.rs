@@ -5,7 +5,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use snapmix_cam::{semantic_percent_maps, semantic_percent_maps_composed, PixelBox, Spm};
-use snapmix_mix::{apply, apply_composed, Method, MixParams, MixedBatch, SampleMix};
+use snapmix_mix::{
+    apply, apply_composed, apply_in_place, Method, MixParams, MixedBatch, SampleMix,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -164,6 +166,17 @@ fn run_case(path: &Path, device: &Device) -> CaseResult {
             "composed",
             apply_composed(&params, images, targets, spms.as_ref().map(|s| &s.1)),
         ),
+        (
+            "in place",
+            images
+                .copy()
+                .map_err(|e| e.to_string())
+                .and_then(|copy| {
+                    apply_in_place(&params, &copy, targets, spms.as_ref().map(|s| &s.0))
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(|e| snapmix_mix::MixError::Candle(candle_core::Error::Msg(e))),
+        ),
     ];
     for (path_name, mixed) in runs {
         let mixed: MixedBatch = mixed.map_err(|e| format!("apply ({path_name}): {e}"))?;
@@ -201,6 +214,7 @@ fn run_case(path: &Path, device: &Device) -> CaseResult {
 fn check_spm(what: &str, spm: &Spm, want: &[f32]) -> CaseResult {
     let got = spm
         .maps()
+        .map_err(|e| e.to_string())?
         .flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(|e| e.to_string())?;

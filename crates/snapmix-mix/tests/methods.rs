@@ -6,8 +6,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use snapmix_cam::semantic_percent_maps;
 use snapmix_mix::{
-    apply, apply_composed, rand_bbox, Method, MixConfig, MixError, MixMode, MixParams, MixedBatch,
-    PixelBox, SampleMix, Spm,
+    apply, apply_composed, apply_in_place, rand_bbox, Method, MixConfig, MixError, MixMode,
+    MixParams, MixedBatch, PixelBox, SampleMix, Spm,
 };
 
 const B: usize = 4;
@@ -89,9 +89,23 @@ fn params(method: Method, perm: &[usize], box_a: PixelBox, box_b: PixelBox, lam:
     )
 }
 
-/// Runs both paths, asserts they agree, returns the fused result.
+/// Runs the fused, in-place and composed paths, asserts they agree, returns the fused result.
 fn both(p: &MixParams, labels: &Tensor, spm: Option<&Spm>) -> MixedBatch {
-    let fused = apply(p, &images(), labels, spm).unwrap();
+    let input = images();
+    let fused = apply(p, &input, labels, spm).unwrap();
+    assert_eq!(
+        vec4(&input),
+        vec4(&images()),
+        "apply must not modify its input"
+    );
+    let in_place = apply_in_place(p, &input, labels, spm).unwrap();
+    assert_eq!(vec4(&in_place.images), vec4(&fused.images));
+    assert_eq!(
+        vec4(&input),
+        vec4(&fused.images),
+        "apply_in_place writes into its input"
+    );
+    assert_eq!(lams(&in_place), lams(&fused));
     let composed = apply_composed(p, &images(), labels, spm).unwrap();
     let (a, b) = (vec4(&fused.images), vec4(&composed.images));
     for (x, y) in a
