@@ -224,13 +224,13 @@ enum Slot<'a> {
 
 impl ResNet {
     /// Parameters and batch-norm buffers by torchvision name (`conv1.weight`,
-    /// `bn1.running_mean`, `bn1.num_batches_tracked` as an i64 scalar, ...).
+    /// `bn1.running_mean`, `bn1.num_batches_tracked` as an i64 scalar, ...). A snapshot: the
+    /// parameters are copied, so later training steps do not change it.
     pub fn state_dict(&self) -> Result<BTreeMap<String, Tensor>> {
-        let mut dict: BTreeMap<String, Tensor> = self
-            .params
-            .iter()
-            .map(|(name, t)| (name.clone(), t.detach()))
-            .collect();
+        let mut dict = BTreeMap::new();
+        for (name, tensor) in &self.params {
+            dict.insert(name.clone(), tensor.detach().copy()?);
+        }
         for (prefix, stats) in &self.batch_norms {
             let stats = lock_stats(stats);
             let device = stats.mean.device().clone();
