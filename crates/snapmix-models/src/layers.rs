@@ -47,16 +47,17 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
     crate::ops::conv2d::conv2d(x, weight, stride, padding)
 }
 
-/// Training-mode batch norm over `[B, C, rows, cols]`: returns the normalised output and the
-/// batch mean and biased variance per channel (`[C]`), which the caller folds into the running
-/// statistics.
+/// Training-mode batch norm over `[B, C, rows, cols]`, followed by ReLU when `relu` is set (one
+/// fused pass on the CPU): returns the output and the batch mean and biased variance per channel
+/// (`[C]`), which the caller folds into the running statistics.
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
+    relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    crate::ops::batch_norm::batch_norm_train(x, gamma, beta, eps, false)
+    crate::ops::batch_norm::batch_norm_train(x, gamma, beta, eps, relu)
 }
 
 /// Evaluation-mode batch norm with fixed statistics, as one scale and shift per channel.
@@ -182,16 +183,26 @@ impl BatchNorm2d {
     /// them into the running statistics (the variance unbiased, like PyTorch); otherwise with
     /// the running statistics.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_maybe_relu_t(x, train, false)
+    }
+
+    /// [`forward_t`](Self::forward_t) followed by ReLU, fused in training mode.
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_maybe_relu_t(x, train, true)
+    }
+
+    fn forward_maybe_relu_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if !train {
             let stats = self.running_stats();
-            return batch_norm_eval(
+            let y = batch_norm_eval(
                 x,
                 &self.weight,
                 &self.bias,
                 &stats.mean,
                 &stats.var,
                 self.eps,
-            );
+            )?;
+            return if relu { y.relu() } else { Ok(y) };
         }
         let (batch, _, rows, cols) = x.dims4()?;
         let count = batch * rows * cols;
@@ -201,7 +212,8 @@ impl BatchNorm2d {
                 x.dims()
             )
         }
-        let (y, batch_mean, batch_var) = batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+        let (y, batch_mean, batch_var) =
+            batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
         let unbiased = (batch_var.detach() * (count as f64 / (count - 1) as f64))?;
         let mut stats = self.running_stats();
         let keep = 1.0 - self.momentum;

@@ -189,10 +189,12 @@ impl Block {
         let mut out = x.clone();
         let last = self.convs.len() - 1;
         for (index, (conv, bn)) in self.convs.iter().zip(&self.bns).enumerate() {
-            out = bn.forward_t(&conv.forward(&out)?, train)?;
-            if index != last {
-                out = out.relu()?;
-            }
+            let conv_out = conv.forward(&out)?;
+            out = if index != last {
+                bn.forward_relu_t(&conv_out, train)?
+            } else {
+                bn.forward_t(&conv_out, train)?
+            };
         }
         let identity = match &self.downsample {
             Some(down) => down.bn.forward_t(&down.conv.forward(x)?, train)?,
@@ -346,8 +348,7 @@ impl ResNet {
     fn body(&self, images: &Tensor, train: bool) -> candle_core::Result<(Tensor, Tensor)> {
         let x = self
             .bn1
-            .forward_t(&self.conv1.forward(images)?, train)?
-            .relu()?;
+            .forward_relu_t(&self.conv1.forward(images)?, train)?;
         let mut x = MaxPool2d::RESNET_STEM.forward(&x)?;
         let mut layer3 = None;
         for (stage, blocks) in self.stages.iter().enumerate() {
