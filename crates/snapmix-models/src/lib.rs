@@ -3,6 +3,10 @@
 //!
 //! It depends on candle and on `snapmix-cam` (to implement its `CamSource`); it must know
 //! nothing of datasets, mixing or the training loop.
+//!
+//! Start with [`ResNet::new`] / [`ResNet::from_config`] on a `VarMap`-backed `VarBuilder`, or
+//! [`load_pretrained`]; the README's examples (building, training outputs, loading from a file
+//! and from the hub) are compiled as this crate's doc tests.
 
 mod arch;
 mod error;
@@ -20,3 +24,8 @@ pub use weights::{
     load_pretrained, read_safetensors, HubWeights, LoadOptions, LoadReport, Pretrained,
     WeightSource,
 };
+
+/// The README's examples, compiled and run by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
