@@ -63,6 +63,18 @@ pub enum TrainError {
         /// The mixing parameters of the batch.
         mixing: String,
     },
+    /// The dataset or its pipeline failed.
+    #[error(transparent)]
+    Data(#[from] snapmix_data::DataError),
+    /// The model could not be built or loaded.
+    #[error(transparent)]
+    Model(#[from] snapmix_models::ModelError),
+    /// Mixing failed.
+    #[error(transparent)]
+    Mix(#[from] snapmix_mix::MixError),
+    /// CAM computation failed.
+    #[error(transparent)]
+    Cam(#[from] snapmix_cam::CamError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

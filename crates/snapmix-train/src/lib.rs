@@ -4,15 +4,22 @@
 //! This is the only library crate that depends on the others; nothing may depend on it.
 
 pub mod config;
+pub mod data;
 mod error;
+pub mod eval;
 pub mod metrics;
 pub mod optim;
 pub mod rundir;
 pub mod schedule;
+pub mod trainer;
 
 pub use config::{Overrides, TrainConfig};
 pub use error::TrainError;
+pub use eval::{evaluate, ClassCount, EvalResult};
 pub use metrics::{read_metrics, MetricRecord, MetricsWriter};
 pub use optim::{NamedVar, ParamGroup, Sgd, SgdSettings};
 pub use rundir::{Checkpoint, EvalRecord, RunDir, StartMode, TrainState};
 pub use schedule::MultiStepLr;
+pub use trainer::{
+    EpochSummary, Observer, Outcome, RunSummary, Silent, StepProgress, Trainer, TrainerOptions,
+};
