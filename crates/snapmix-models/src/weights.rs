@@ -207,11 +207,12 @@ pub fn load_pretrained(
 }
 
 /// Reads every tensor of a safetensors file onto `device`, as stored.
-pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, device).map_err(|e| ModelError::File {
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    let tensors = candle_core::safetensors::load(path, device).map_err(|e| ModelError::File {
         path: path.to_path_buf(),
         message: e.to_string(),
-    })
+    })?;
+    Ok(tensors.into_iter().collect())
 }
 
 /// The expected shape of every model tensor, by name, and what it is.
@@ -280,7 +281,7 @@ impl ResNet {
     /// statistic is an error naming the tensors (new layers excepted, see [`LoadOptions`]).
     pub fn load_state_dict(
         &self,
-        tensors: &HashMap<String, Tensor>,
+        tensors: &BTreeMap<String, Tensor>,
         source_name: &str,
         options: LoadOptions,
     ) -> Result<LoadReport> {
@@ -393,8 +394,14 @@ impl ResNet {
                     }
                     Var::from_tensor(tensor)?.set(&value.to_device(tensor.device())?)?;
                 }
-                Slot::Mean(i) => lock_stats(&self.batch_norms[*i].1).mean = value,
-                Slot::Var(i) => lock_stats(&self.batch_norms[*i].1).var = value,
+                Slot::Mean(i) => {
+                    let mut stats = lock_stats(&self.batch_norms[*i].1);
+                    stats.mean = value.to_device(stats.mean.device())?;
+                }
+                Slot::Var(i) => {
+                    let mut stats = lock_stats(&self.batch_norms[*i].1);
+                    stats.var = value.to_device(stats.var.device())?;
+                }
                 Slot::Counter(i) => {
                     lock_stats(&self.batch_norms[*i].1).num_batches_tracked =
                         value.to_scalar::<i64>()?

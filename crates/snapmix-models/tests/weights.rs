@@ -1,7 +1,7 @@
 //! Loading and saving: round trips of our checkpoints, f16 files, replaced heads, the load
 //! report, clear errors for wrong shapes and names, and the hub's offline error.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -183,7 +183,7 @@ fn a_new_head_is_reported_and_initialised_like_torch_linear() {
 #[test]
 fn wrong_names_and_body_shapes_are_clear_errors() {
     let (model, _) = small(4, false, 7);
-    let dict: HashMap<String, Tensor> = model.state_dict().unwrap().into_iter().collect();
+    let dict: BTreeMap<String, Tensor> = model.state_dict().unwrap();
 
     let mut extra = dict.clone();
     extra.insert(
@@ -234,7 +234,7 @@ fn wrong_names_and_body_shapes_are_clear_errors() {
     assert!(err.to_string().contains("narrow.safetensors"), "{err}");
 
     // Nothing was written by the failed loads.
-    let after: HashMap<String, Tensor> = model.state_dict().unwrap().into_iter().collect();
+    let after = model.state_dict().unwrap();
     assert_eq!(max_diff(&after["conv1.weight"], &dict["conv1.weight"]), 0.0);
 }
 
@@ -296,4 +296,35 @@ fn cam_source_gives_layer4_and_the_classifier() {
         .broadcast_add(model.classifier_bias().unwrap())
         .unwrap();
     assert!(max_diff(&logits, &outputs.logits) < 1e-5);
+}
+
+#[test]
+fn a_state_dict_snapshot_survives_training_and_restores_the_model() {
+    let (model, _) = small(4, true, 10);
+    model.forward_t(&images(), true).unwrap();
+    let snapshot = model.state_dict().unwrap();
+    let before = model
+        .forward_t(&images(), false)
+        .unwrap()
+        .combined_logits()
+        .unwrap();
+    // Training changes parameters in place and moves the running statistics.
+    model.init_weights(11).unwrap();
+    model.forward_t(&images(), true).unwrap();
+    let changed = model
+        .forward_t(&images(), false)
+        .unwrap()
+        .combined_logits()
+        .unwrap();
+    assert!(max_diff(&before, &changed) > 0.0);
+    model
+        .load_state_dict(&snapshot, "snapshot", LoadOptions::strict())
+        .unwrap();
+    let restored = model
+        .forward_t(&images(), false)
+        .unwrap()
+        .combined_logits()
+        .unwrap();
+    assert_eq!(max_diff(&before, &restored), 0.0);
+    assert_eq!(model.bn1().running_stats().num_batches_tracked, 1);
 }
