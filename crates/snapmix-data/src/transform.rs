@@ -2,6 +2,8 @@
 //! centre), horizontal flip and ImageNet normalisation, written straight into one image's slot
 //! of an NCHW f32 batch. Sampling the geometry (random) is separate from applying it (pure).
 
+use std::borrow::Cow;
+
 use fast_image_resize as fir;
 use image::{GrayImage, RgbImage};
 use rand::Rng;
@@ -164,30 +166,44 @@ impl Transform {
         geometry: &Geometry,
         out: &mut [f32],
     ) -> Result<(), DataError> {
-        let resized = self.resize_rgb(image, geometry)?;
-        let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * self.std[c]));
-        let bias: [f32; 3] = std::array::from_fn(|c| -self.mean[c] / self.std[c]);
         let plane = self.crop * self.crop;
         check_len(out.len(), 3 * plane)?;
-        out.fill(0.0);
-        let rows = self.crop.min(geometry.resized_rows - geometry.top);
-        let cols = self.crop.min(geometry.resized_cols - geometry.left);
+        let region = self.resize_rgb(image, geometry)?;
+        let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * self.std[c]));
+        let bias: [f32; 3] = std::array::from_fn(|c| -self.mean[c] / self.std[c]);
+        let (rows, cols) = visible(self.crop, geometry);
+        if rows < self.crop || cols < self.crop {
+            out.fill(0.0);
+        }
         let (red, rest) = out.split_at_mut(plane);
         let (green, blue) = rest.split_at_mut(plane);
         for row in 0..rows {
-            let src_start = ((geometry.top + row) * geometry.resized_cols + geometry.left) * 3;
-            let src = &resized[src_start..src_start + cols * 3];
+            let src_start = ((region.top + row) * region.stride_cols + region.left) * 3;
+            let src = &region.pixels[src_start..src_start + cols * 3];
             let dst = row * self.crop;
             let (r_out, g_out, b_out) = (
                 &mut red[dst..dst + cols],
                 &mut green[dst..dst + cols],
                 &mut blue[dst..dst + cols],
             );
-            for (col, pixel) in src.chunks_exact(3).enumerate() {
-                let target = if geometry.flip { cols - 1 - col } else { col };
-                r_out[target] = f32::from(pixel[0]) * scale[0] + bias[0];
-                g_out[target] = f32::from(pixel[1]) * scale[1] + bias[1];
-                b_out[target] = f32::from(pixel[2]) * scale[2] + bias[2];
+            if geometry.flip {
+                for (col, pixel) in src.chunks_exact(3).enumerate() {
+                    let target = cols - 1 - col;
+                    r_out[target] = f32::from(pixel[0]) * scale[0] + bias[0];
+                    g_out[target] = f32::from(pixel[1]) * scale[1] + bias[1];
+                    b_out[target] = f32::from(pixel[2]) * scale[2] + bias[2];
+                }
+            } else {
+                for (((pixel, r), g), b) in src
+                    .chunks_exact(3)
+                    .zip(r_out.iter_mut())
+                    .zip(g_out.iter_mut())
+                    .zip(b_out.iter_mut())
+                {
+                    *r = f32::from(pixel[0]) * scale[0] + bias[0];
+                    *g = f32::from(pixel[1]) * scale[1] + bias[1];
+                    *b = f32::from(pixel[2]) * scale[2] + bias[2];
+                }
             }
         }
         Ok(())
@@ -224,15 +240,22 @@ impl Transform {
         Ok(())
     }
 
-    /// The resized RGB pixels (HWC), borrowing the input when no resize is needed.
+    /// The pixels of the crop window after the resize. `fast_image_resize` resizes only the
+    /// window (its convolution still reads the source pixels around it, so the result equals
+    /// resizing everything and cropping); `image` resizes everything. No resize: borrowed.
     fn resize_rgb<'a>(
         &self,
         image: &'a RgbImage,
         geometry: &Geometry,
-    ) -> Result<std::borrow::Cow<'a, [u8]>, DataError> {
+    ) -> Result<Region<'a>, DataError> {
         let (cols, rows) = image.dimensions();
         if (rows as usize, cols as usize) == (geometry.resized_rows, geometry.resized_cols) {
-            return Ok(std::borrow::Cow::Borrowed(image.as_raw()));
+            return Ok(Region {
+                pixels: Cow::Borrowed(image.as_raw()),
+                stride_cols: cols as usize,
+                top: geometry.top,
+                left: geometry.left,
+            });
         }
         let (out_rows, out_cols) = (geometry.resized_rows as u32, geometry.resized_cols as u32);
         if out_rows == 0 || out_cols == 0 || rows == 0 || cols == 0 {
@@ -242,42 +265,79 @@ impl Transform {
                 "cannot resize an empty image",
             ));
         }
+        let failed = |e: String| {
+            DataError::config(
+                "resize",
+                format!("{rows}x{cols} -> {out_rows}x{out_cols}"),
+                e,
+            )
+        };
         match self.resizer {
-            Resizer::ImageCrate => Ok(std::borrow::Cow::Owned(
-                image::imageops::resize(
+            Resizer::ImageCrate => {
+                let resized = image::imageops::resize(
                     image,
                     out_cols,
                     out_rows,
                     image::imageops::FilterType::Triangle,
-                )
-                .into_raw(),
-            )),
+                );
+                Ok(Region {
+                    pixels: Cow::Owned(resized.into_raw()),
+                    stride_cols: geometry.resized_cols,
+                    top: geometry.top,
+                    left: geometry.left,
+                })
+            }
             Resizer::FastImageResize => {
+                let (window_rows, window_cols) = visible(self.crop, geometry);
                 let src =
                     fir::images::ImageRef::new(cols, rows, image.as_raw(), fir::PixelType::U8x3)
-                        .map_err(|e| {
-                            DataError::config(
-                                "image buffer",
-                                format!("{rows}x{cols}"),
-                                e.to_string(),
-                            )
-                        })?;
-                let mut dst = fir::images::Image::new(out_cols, out_rows, fir::PixelType::U8x3);
+                        .map_err(|e| failed(e.to_string()))?;
+                let mut dst = fir::images::Image::new(
+                    window_cols as u32,
+                    window_rows as u32,
+                    fir::PixelType::U8x3,
+                );
+                let (row_scale, col_scale) = (
+                    f64::from(rows) / f64::from(out_rows),
+                    f64::from(cols) / f64::from(out_cols),
+                );
+                // The window in source coordinates, clamped against float rounding at the edges.
+                let (src_rows, src_cols) = (f64::from(rows), f64::from(cols));
+                let src_top = (geometry.top as f64 * row_scale).min(src_rows);
+                let src_left = (geometry.left as f64 * col_scale).min(src_cols);
+                let src_height = (window_rows as f64 * row_scale).min(src_rows - src_top);
+                let src_width = (window_cols as f64 * col_scale).min(src_cols - src_left);
                 let options = fir::ResizeOptions::new()
-                    .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear));
+                    .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear))
+                    .crop(src_left, src_top, src_width, src_height);
                 fir::Resizer::new()
                     .resize(&src, &mut dst, &options)
-                    .map_err(|e| {
-                        DataError::config(
-                            "resize",
-                            format!("{rows}x{cols} -> {out_rows}x{out_cols}"),
-                            e.to_string(),
-                        )
-                    })?;
-                Ok(std::borrow::Cow::Owned(dst.into_vec()))
+                    .map_err(|e| failed(e.to_string()))?;
+                Ok(Region {
+                    pixels: Cow::Owned(dst.into_vec()),
+                    stride_cols: window_cols,
+                    top: 0,
+                    left: 0,
+                })
             }
         }
     }
+}
+
+/// Resized RGB pixels holding the crop window at (`top`, `left`), rows `stride_cols` wide.
+struct Region<'a> {
+    pixels: Cow<'a, [u8]>,
+    stride_cols: usize,
+    top: usize,
+    left: usize,
+}
+
+/// Rows and columns of the crop that fall inside the resized image.
+fn visible(crop: usize, geometry: &Geometry) -> (usize, usize) {
+    (
+        crop.min(geometry.resized_rows.saturating_sub(geometry.top)),
+        crop.min(geometry.resized_cols.saturating_sub(geometry.left)),
+    )
 }
 
 /// torchvision's CenterCrop offset `int(round(spare / 2))`, with Python's round-half-to-even.
@@ -416,6 +476,46 @@ mod tests {
             assert!(plane
                 .iter()
                 .all(|v| v.is_finite() && *v >= lo - 1e-4 && *v <= hi + 1e-4));
+        }
+    }
+
+    #[test]
+    fn resizing_the_window_equals_resizing_everything_then_cropping() {
+        let image = RgbImage::from_fn(50, 37, |c, r| {
+            image::Rgb([(c * 5) as u8, (r * 6) as u8, ((c * r) % 251) as u8])
+        });
+        let t = Transform::test(ResizeMode::ShorterSide, 64, 48);
+        let mut full = t.clone();
+        full.crop = 86; // the whole resized width: 64 x 86
+        let g_full = Geometry {
+            resized_rows: 64,
+            resized_cols: 86,
+            top: 0,
+            left: 0,
+            flip: false,
+        };
+        let mut everything = vec![0.0; 3 * 86 * 86];
+        full.apply(&image, &g_full, &mut everything).unwrap();
+        for (top, left) in [(0, 0), (16, 38), (7, 21)] {
+            let g = Geometry {
+                top,
+                left,
+                ..g_full
+            };
+            let mut window = vec![0.0; 3 * 48 * 48];
+            t.apply(&image, &g, &mut window).unwrap();
+            for c in 0..3 {
+                for row in 0..48 {
+                    for col in 0..48 {
+                        let a = window[c * 48 * 48 + row * 48 + col];
+                        let b = everything[c * 86 * 86 + (top + row) * 86 + left + col];
+                        assert!(
+                            (a - b).abs() <= 1.01 / (255.0 * 0.224),
+                            "({top},{left}) c{c} ({row},{col}): {a} vs {b}"
+                        );
+                    }
+                }
+            }
         }
     }
 
