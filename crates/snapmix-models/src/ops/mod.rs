@@ -4,5 +4,5 @@ pub mod max_pool;
 // GEMM-based conv2d and fused batch norm for training (issue 9), with their CPU plumbing.
 pub mod batch_norm;
 pub mod conv2d;
-pub mod dispatch;
 mod cpu;
+pub mod dispatch;
