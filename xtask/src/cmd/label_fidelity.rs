@@ -329,12 +329,7 @@ mod tests {
             true_shares(part(&a), part(&b), &tiny).unwrap(),
             Shares { a: 1.0, b: 0.0 }
         );
-        let mix = sample(
-            Method::Mixup,
-            PixelBox::default(),
-            PixelBox::default(),
-            0.3,
-        );
+        let mix = sample(Method::Mixup, PixelBox::default(), PixelBox::default(), 0.3);
         let t = true_shares(part(&a), part(&b), &mix).unwrap();
         assert!((t.a - 0.3).abs() < 1e-12 && (t.b - 0.7).abs() < 1e-12);
         let cut = sample(
@@ -463,8 +458,17 @@ mod tests {
         let lam_a = mixed.lam_a.to_vec1::<f32>().unwrap();
         let lam_b = mixed.lam_b.to_vec1::<f32>().unwrap();
         let t = true_shares(part(&a), part(&b), &s).unwrap();
-        assert!((f64::from(lam_a[0]) - t.a).abs() < 1e-5, "{lam_a:?} vs {t:?}");
-        assert!((f64::from(lam_b[0]) - t.b).abs() < 1e-5, "{lam_b:?} vs {t:?}");
-        assert!(t.a < 1.0 && t.b > 0.0, "the boxes must touch both parts: {t:?}");
+        assert!(
+            (f64::from(lam_a[0]) - t.a).abs() < 1e-5,
+            "{lam_a:?} vs {t:?}"
+        );
+        assert!(
+            (f64::from(lam_b[0]) - t.b).abs() < 1e-5,
+            "{lam_b:?} vs {t:?}"
+        );
+        assert!(
+            t.a < 1.0 && t.b > 0.0,
+            "the boxes must touch both parts: {t:?}"
+        );
     }
 }

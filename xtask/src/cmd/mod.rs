@@ -4,6 +4,8 @@ pub mod bench_data;
 pub mod bench_labels;
 pub mod bench_mix;
 pub mod bench_train;
+pub mod brief_model;
+pub mod canvas;
 pub mod data_stats;
 pub mod dist;
 pub mod eval;
