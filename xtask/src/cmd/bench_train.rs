@@ -1,12 +1,486 @@
-//! `cargo xtask bench-train`.
+//! `cargo xtask bench-train`: the median time of a full ResNet training step on the CPU with the
+//! fused ops, with candle's composed ops, and with PyTorch (benches/torch_cpu_train.py), all at
+//! the same thread count; a table and target/bench/bench-train.json.
 
 use crate::device::DeviceSpec;
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use serde::Serialize;
+use snapmix_models::ops::dispatch::set_composed_ops;
+use snapmix_models::{Arch, ResNet};
+use snapmix_train::{NamedVar, ParamGroup, Sgd, SgdSettings};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
 
 /// Flags of `cargo xtask bench-train`.
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Configs as arch:batch:size (square images), comma-separated.
+    #[arg(
+        long,
+        default_value = "resnet18:32:64,resnet18:16:112,resnet50:8:64,resnet50:16:112"
+    )]
+    configs: String,
+    /// Timed steps per config and implementation (after the warm-up); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps first (allocations, scratch buffers, PyTorch's first-call work).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Threads for every side: rayon here, `torch.set_num_threads` in the baseline.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Classifier outputs (200, as CUB).
+    #[arg(long, default_value_t = 200)]
+    classes: usize,
+    /// Skip the PyTorch baseline (and its venv).
+    #[arg(long)]
+    no_torch: bool,
+    /// Skip candle's composed-ops reference path.
+    #[arg(long)]
+    no_reference: bool,
+}
+
+/// One benchmark configuration.
+#[derive(Clone, Copy, Debug, Serialize)]
+struct BenchConfig {
+    #[serde(serialize_with = "serialize_arch")]
+    arch: Arch,
+    batch: usize,
+    size: usize,
+}
+
+fn serialize_arch<S: serde::Serializer>(arch: &Arch, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(arch.name())
+}
+
+impl BenchConfig {
+    fn parse(spec: &str) -> Result<Self> {
+        let parts: Vec<&str> = spec.trim().split(':').collect();
+        let [arch, batch, size] = parts.as_slice() else {
+            bail!("bad config `{spec}`: expected arch:batch:size, e.g. resnet18:32:64");
+        };
+        let config = Self {
+            arch: arch
+                .parse()
+                .with_context(|| format!("in config `{spec}`"))?,
+            batch: batch
+                .parse()
+                .with_context(|| format!("bad batch `{batch}` in config `{spec}`"))?,
+            size: size
+                .parse()
+                .with_context(|| format!("bad size `{size}` in config `{spec}`"))?,
+        };
+        ensure!(
+            config.batch >= 2 && config.size >= 32,
+            "config `{spec}`: need batch >= 2 (train-mode BatchNorm) and size >= 32"
+        );
+        Ok(config)
+    }
+
+    fn label(&self) -> String {
+        format!(
+            "{} b{} {}x{}",
+            self.arch.name(),
+            self.batch,
+            self.size,
+            self.size
+        )
+    }
+}
+
+/// Per-step times of one implementation on one config.
+#[derive(Serialize)]
+struct Timing {
+    median_ms: f64,
+    images_per_s: f64,
+    times_ms: Vec<f64>,
+}
+
+impl Timing {
+    fn new(times_ms: Vec<f64>, batch: usize) -> Self {
+        let median_ms = median(&times_ms);
+        Self {
+            median_ms,
+            images_per_s: batch as f64 * 1000.0 / median_ms,
+            times_ms,
+        }
+    }
+}
+
+/// One row of the report.
+#[derive(Serialize)]
+struct Row {
+    config: BenchConfig,
+    fused: Timing,
+    composed: Option<Timing>,
+    torch: Option<Timing>,
+    /// PyTorch's ms per step over ours: above 1 means faster than PyTorch.
+    speed_vs_torch: Option<f64>,
+    /// Candle's composed-ops ms per step over ours.
+    speed_vs_composed: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    command: String,
+    unix_time: u64,
+    cpu: String,
+    threads: usize,
+    steps: usize,
+    warmup: usize,
+    classes: usize,
+    torch_version: Option<String>,
+    rows: Vec<Row>,
+}
 
 /// Runs `cargo xtask bench-train`.
-pub fn run(_args: Args, _device: DeviceSpec) -> anyhow::Result<()> {
-    super::not_implemented("bench-train")
+pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
+    if device != DeviceSpec::Cpu {
+        bail!(
+            "`cargo xtask bench-train --device {device}` is not implemented yet (issue 7); \
+             use --device cpu"
+        );
+    }
+    if let Some(code) = rerun_optimised()? {
+        std::process::exit(code);
+    }
+    ensure!(args.steps >= 1, "--steps must be at least 1");
+    ensure!(args.threads >= 1, "--threads must be at least 1");
+    let configs = args
+        .configs
+        .split(',')
+        .map(BenchConfig::parse)
+        .collect::<Result<Vec<_>>>()?;
+    // Before rayon's global pool (and candle's thread count) are first used.
+    std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+    let repo = repo_root()?;
+
+    let mut rows = Vec::new();
+    for config in &configs {
+        eprintln!("bench-train: {} (fused ops)", config.label());
+        let fused = time_steps(config, &args, false)?;
+        let composed = if args.no_reference {
+            None
+        } else {
+            eprintln!("bench-train: {} (candle composed ops)", config.label());
+            Some(time_steps(config, &args, true)?)
+        };
+        rows.push(Row {
+            config: *config,
+            fused,
+            composed,
+            torch: None,
+            speed_vs_torch: None,
+            speed_vs_composed: None,
+        });
+    }
+    let torch_version = if args.no_torch {
+        None
+    } else {
+        let (version, times) = run_torch(&repo, &configs, &args)?;
+        for (row, times) in rows.iter_mut().zip(times) {
+            row.torch = Some(Timing::new(times, row.config.batch));
+        }
+        Some(version)
+    };
+    for row in &mut rows {
+        let ours = row.fused.median_ms;
+        row.speed_vs_torch = row.torch.as_ref().map(|t| t.median_ms / ours);
+        row.speed_vs_composed = row.composed.as_ref().map(|t| t.median_ms / ours);
+    }
+    print_table(&rows, args.threads);
+
+    let report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        cpu: cpu_model(),
+        threads: args.threads,
+        steps: args.steps,
+        warmup: args.warmup,
+        classes: args.classes,
+        torch_version,
+        rows,
+    };
+    let out_dir = repo.join("target").join("bench");
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let out = out_dir.join("bench-train.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// Times `args.steps` training steps (after `args.warmup`): train-mode forward, cross-entropy,
+/// backward, SGD momentum 0.9 update; `composed` selects candle's composed ops.
+fn time_steps(config: &BenchConfig, args: &Args, composed: bool) -> Result<Timing> {
+    set_composed_ops(composed);
+    let result = (|| {
+        let device = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+        let model = ResNet::new(config.arch, args.classes, None, vb)?;
+        model.init_weights(0)?;
+        let params = model
+            .named_parameters()
+            .iter()
+            .map(|(name, tensor)| {
+                Ok(NamedVar {
+                    name: name.clone(),
+                    var: Var::from_tensor(tensor)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let group = ParamGroup {
+            label: "all".into(),
+            base_lr: 0.01,
+            weight_decay: 0.0,
+            params,
+        };
+        let settings = SgdSettings {
+            momentum: 0.9,
+            nesterov: false,
+            decay_bn_and_bias: true,
+        };
+        let mut sgd = Sgd::new(vec![group], settings)?;
+        let (images, labels) = synthetic_batch(config, args.classes, &device)?;
+        let mut step = || -> Result<()> {
+            let logits = model.forward_t(&images, true)?.logits;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            sgd.step(&loss.backward()?)?;
+            Ok(())
+        };
+        for _ in 0..args.warmup {
+            step()?;
+        }
+        let mut times = Vec::with_capacity(args.steps);
+        for _ in 0..args.steps {
+            let start = Instant::now();
+            step()?;
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(Timing::new(times, config.batch))
+    })();
+    set_composed_ops(false);
+    result
+}
+
+/// A fixed pseudo-random batch: the values do not affect the timing, only the shapes do.
+fn synthetic_batch(
+    config: &BenchConfig,
+    classes: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let len = config.batch * 3 * config.size * config.size;
+    let images = (Tensor::arange(0u32, len as u32, device)?.to_dtype(DType::F32)? * 0.7311)?
+        .sin()?
+        .reshape((config.batch, 3, config.size, config.size))?;
+    let labels: Vec<u32> = (0..config.batch).map(|i| (i % classes) as u32).collect();
+    Ok((images, Tensor::new(labels, device)?))
+}
+
+/// Runs the PyTorch baseline in `<repo>/.venv-bench` (created, with torch from PyPI, if
+/// missing); returns torch's version and the per-step times of each config.
+fn run_torch(repo: &Path, configs: &[BenchConfig], args: &Args) -> Result<(String, Vec<Vec<f64>>)> {
+    let venv = repo.join(".venv-bench");
+    let python = venv.join("bin").join("python");
+    if !has_torch(&python) {
+        eprintln!(
+            "bench-train: installing torch from PyPI into {} (about 5 GB with its CUDA wheels)",
+            venv.display()
+        );
+        if !python.exists() {
+            let status = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .context("cannot run `python3 -m venv` (is Python 3 installed?)")?;
+            ensure!(
+                status.success(),
+                "`python3 -m venv {}` failed",
+                venv.display()
+            );
+        }
+        let status = Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "torch", "numpy"])
+            .status()
+            .with_context(|| format!("cannot run pip of {}", python.display()))?;
+        ensure!(
+            status.success() && has_torch(&python),
+            "installing torch into {} failed; rerun with --no-torch to skip the baseline",
+            venv.display()
+        );
+    }
+    let specs: Vec<String> = configs
+        .iter()
+        .map(|c| format!("{}:{}:{}", c.arch.name(), c.batch, c.size))
+        .collect();
+    let script = repo.join("benches").join("torch_cpu_train.py");
+    eprintln!("bench-train: PyTorch baseline ({})", script.display());
+    let output = Command::new(&python)
+        .arg(&script)
+        .args(["--configs", &specs.join(",")])
+        .args(["--threads", &args.threads.to_string()])
+        .args(["--steps", &args.steps.to_string()])
+        .args(["--warmup", &args.warmup.to_string()])
+        .args(["--classes", &args.classes.to_string()])
+        .env("OMP_NUM_THREADS", args.threads.to_string())
+        .output()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "{} failed:\n{}{}",
+        script.display(),
+        stdout,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    let parsed: serde_json::Value = serde_json::from_str(last)
+        .with_context(|| format!("the baseline's last line is not JSON: `{last}`"))?;
+    let version = parsed["torch"].as_str().unwrap_or("unknown").to_string();
+    let results = parsed["results"]
+        .as_array()
+        .context("the baseline's JSON has no `results` list")?;
+    ensure!(
+        results.len() == configs.len(),
+        "the baseline returned {} results for {} configs",
+        results.len(),
+        configs.len()
+    );
+    let times = results
+        .iter()
+        .map(|r| {
+            r["times_ms"]
+                .as_array()
+                .and_then(|ts| ts.iter().map(|t| t.as_f64()).collect::<Option<Vec<_>>>())
+                .context("a baseline result has no numeric `times_ms`")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((version, times))
+}
+
+/// Set on the child when bench-train re-runs itself optimised, so it can never loop.
+const OPTIMISED_ENV: &str = "SNAPMIX_BENCH_TRAIN_OPTIMISED";
+
+/// Timings of an unoptimised build mean nothing: from a debug build run through cargo, re-run the
+/// same command with `--release` and return its exit code; `None` means carry on here.
+fn rerun_optimised() -> Result<Option<i32>> {
+    if !cfg!(debug_assertions) || std::env::var_os(OPTIMISED_ENV).is_some() {
+        return Ok(None);
+    }
+    let Ok(cargo) = std::env::var("CARGO") else {
+        eprintln!("bench-train: warning: unoptimised build, timings are not meaningful");
+        return Ok(None);
+    };
+    eprintln!("bench-train: re-running with `cargo run --release` (timings need optimised code)");
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let status = Command::new(cargo)
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "--manifest-path",
+            manifest,
+            "--",
+        ])
+        .args(std::env::args_os().skip(1))
+        .env(OPTIMISED_ENV, "1")
+        .status()
+        .context("cannot start cargo to build xtask optimised")?;
+    Ok(Some(status.code().unwrap_or(1)))
+}
+
+fn has_torch(python: &Path) -> bool {
+    python.exists()
+        && Command::new(python)
+            .args(["-c", "import torch"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+}
+
+fn print_table(rows: &[Row], threads: usize) {
+    let ms = |t: &Option<Timing>| {
+        t.as_ref()
+            .map_or("-".to_string(), |t| format!("{:.1}", t.median_ms))
+    };
+    let ratio = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}x"));
+    println!("training step on the CPU, {threads} threads, median ms/step");
+    println!("| config | ours ms | ours img/s | candle ms | PyTorch ms | vs PyTorch | vs candle |");
+    println!("|---|---|---|---|---|---|---|");
+    for row in rows {
+        println!(
+            "| {} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            row.config.label(),
+            row.fused.median_ms,
+            row.fused.images_per_s,
+            ms(&row.composed),
+            ms(&row.torch),
+            ratio(row.speed_vs_torch),
+            ratio(row.speed_vs_composed),
+        );
+    }
+    println!("(vs X = X's ms / ours: above 1.00x we are faster)");
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 0 {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn repo_root() -> Result<PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask's manifest directory has no parent")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_configs_and_rejects_bad_ones() {
+        let c = BenchConfig::parse("resnet50:16:112").unwrap();
+        assert_eq!((c.arch, c.batch, c.size), (Arch::ResNet50, 16, 112));
+        for bad in [
+            "resnet50:16",
+            "resnet19:8:64",
+            "resnet18:x:64",
+            "resnet18:1:64",
+        ] {
+            let err = BenchConfig::parse(bad).unwrap_err();
+            assert!(
+                format!("{err:#}").contains(bad.split(':').next().unwrap()),
+                "{err:#}"
+            );
+        }
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
 }
