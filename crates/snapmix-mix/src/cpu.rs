@@ -119,25 +119,30 @@ impl MixInPlace<'_> {
         // Sources: the whole batch for blends, else just each partner's box_b (all channels).
         let blends = self.pastes.iter().any(|p| matches!(p, Paste::Blend { .. }));
         let snapshot = if blends { data.to_vec() } else { Vec::new() };
-        let patches: Vec<Vec<f32>> = self
-            .pastes
-            .iter()
-            .map(|p| match *p {
-                Paste::Region { partner, from, .. } if !blends => {
-                    let mut patch = Vec::with_capacity(channels * from.area());
-                    for channel in 0..channels {
-                        let base = (partner * channels + channel) * plane;
-                        for r in from.row0..from.row1 {
-                            patch.extend_from_slice(
-                                &data[base + r * cols + from.col0..base + r * cols + from.col1],
-                            );
+        // Region pastes: interpolate the partner boxes along the columns before any write.
+        let colints: Vec<Vec<f32>> = if blends {
+            Vec::new()
+        } else {
+            let data: &[f32] = data;
+            (0..self.pastes.len() * channels)
+                .into_par_iter()
+                .map(
+                    |g| match (self.pastes[g / channels], &resizes[g / channels]) {
+                        (Paste::Region { partner, from, to }, Some(resize)) => {
+                            let start = (partner * channels + g % channels) * plane;
+                            let source = View {
+                                data: &data[start..start + plane],
+                                stride: cols,
+                                row0: from.row0,
+                                col0: from.col0,
+                            };
+                            resize.columns(&source, to)
                         }
-                    }
-                    patch
-                }
-                _ => Vec::new(),
-            })
-            .collect();
+                        _ => Vec::new(),
+                    },
+                )
+                .collect()
+        };
         data.par_chunks_mut(plane).enumerate().for_each(|(g, dst)| {
             let (b, channel) = (g / channels, g % channels);
             match self.pastes[b] {
@@ -152,24 +157,18 @@ impl MixInPlace<'_> {
                     let resize = resizes[b]
                         .as_ref()
                         .expect("prepared for every region paste");
-                    let source = if blends {
+                    if blends {
                         let start = (partner * channels + channel) * plane;
-                        View {
+                        let source = View {
                             data: &snapshot[start..start + plane],
                             stride: cols,
                             row0: from.row0,
                             col0: from.col0,
-                        }
+                        };
+                        resize.paste(&source, dst, cols, to);
                     } else {
-                        let size = from.area();
-                        View {
-                            data: &patches[b][channel * size..(channel + 1) * size],
-                            stride: from.cols(),
-                            row0: 0,
-                            col0: 0,
-                        }
-                    };
-                    resize.paste(&source, dst, cols, to);
+                        resize.rows(&colints[g], dst, cols, to);
+                    }
                 }
             }
         });
@@ -237,32 +236,42 @@ impl Resize {
 
     /// Writes the resized box `source` into box `to` of the plane `dst` (row stride `cols`).
     fn paste(&self, source: &View<'_>, dst: &mut [f32], cols: usize, to: PixelBox) {
+        self.rows(&self.columns(source, to), dst, cols, to);
+    }
+
+    /// Every source row interpolated along the columns (`[from.rows, to.cols]`), read before
+    /// anything is written; for equal sizes, the patch itself.
+    fn columns(&self, source: &View<'_>, to: PixelBox) -> Vec<f32> {
         let width = to.cols();
-        let out_row = |r: usize| {
-            let start = (to.row0 + r) * cols + to.col0;
-            start..start + width
-        };
-        if self.same_size {
-            for r in 0..to.rows() {
-                let range = out_row(r);
-                dst[range].copy_from_slice(source.line(r, width));
-            }
-            return;
-        }
-        // Every source row interpolated along the columns once, then two rows blended per output row.
-        let t = &self.col_taps;
         let mut colint = Vec::with_capacity(self.from.rows() * width);
         for i in 0..self.from.rows() {
             let line = source.line(i, self.from.cols());
-            colint.extend((0..width).map(|c| line[t.i0[c]] * t.w0[c] + line[t.i1[c]] * t.w1[c]));
+            if self.same_size {
+                colint.extend_from_slice(line);
+            } else {
+                let t = &self.col_taps;
+                colint
+                    .extend((0..width).map(|c| line[t.i0[c]] * t.w0[c] + line[t.i1[c]] * t.w1[c]));
+            }
         }
+        colint
+    }
+
+    /// Blends two rows of [`Resize::columns`] per output row into box `to` of `dst`.
+    fn rows(&self, colint: &[f32], dst: &mut [f32], cols: usize, to: PixelBox) {
+        let width = to.cols();
         for r in 0..to.rows() {
+            let start = (to.row0 + r) * cols + to.col0;
+            let out = &mut dst[start..start + width];
+            if self.same_size {
+                out.copy_from_slice(&colint[r * width..(r + 1) * width]);
+                continue;
+            }
             let (i0, i1) = (self.row_taps.i0[r], self.row_taps.i1[r]);
             let (w0, w1) = (self.row_taps.w0[r], self.row_taps.w1[r]);
             let top = &colint[i0 * width..(i0 + 1) * width];
             let bottom = &colint[i1 * width..(i1 + 1) * width];
-            let range = out_row(r);
-            for ((o, &a), &b) in dst[range].iter_mut().zip(top).zip(bottom) {
+            for ((o, &a), &b) in out.iter_mut().zip(top).zip(bottom) {
                 *o = a * w0 + b * w1;
             }
         }
