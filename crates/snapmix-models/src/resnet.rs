@@ -499,3 +499,38 @@ impl snapmix_cam::CamSource for ResNet {
         Some(&self.fc.bias)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn the_bottleneck_strides_on_its_3x3_conv_and_the_basic_block_on_its_first() {
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let resnet50 = ResNet::new(Arch::ResNet50, 10, None, vb.clone()).unwrap();
+        let strides = |block: &Block| block.convs.iter().map(|c| c.stride).collect::<Vec<_>>();
+        assert_eq!(strides(&resnet50.stages[0][0]), [1, 1, 1]);
+        for stage in 1..4 {
+            assert_eq!(
+                strides(&resnet50.stages[stage][0]),
+                [1, 2, 1],
+                "layer{}",
+                stage + 1
+            );
+            assert_eq!(
+                resnet50.stages[stage][0]
+                    .downsample
+                    .as_ref()
+                    .unwrap()
+                    .conv
+                    .stride,
+                2
+            );
+            assert_eq!(strides(&resnet50.stages[stage][1]), [1, 1, 1]);
+        }
+        let resnet18 = ResNet::new(Arch::ResNet18, 10, None, vb).unwrap();
+        assert_eq!(strides(&resnet18.stages[1][0]), [2, 1]);
+        assert!(resnet18.stages[0][0].downsample.is_none());
+    }
+}
