@@ -38,7 +38,10 @@ pub fn decode_rgb_with(bytes: &[u8], jpeg: JpegDecoder) -> Result<RgbImage, Stri
 
 /// zune-jpeg straight into an RGB buffer; grayscale and CMYK/YCCK are converted by zune-jpeg.
 fn decode_jpeg_zune(bytes: &[u8]) -> Result<RgbImage, String> {
-    let options = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB);
+    // Strict: a truncated or damaged JPEG is an error (as in Pillow), not gray-filled pixels.
+    let options = DecoderOptions::default()
+        .jpeg_set_out_colorspace(ColorSpace::RGB)
+        .set_strict_mode(true);
     let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
     let pixels = decoder
         .decode()
@@ -143,5 +146,21 @@ mod tests {
         assert!(image_dimensions(&[0xff, 0xd8]).is_err());
         let bytes = encode(DynamicImage::ImageRgb8(gradient(16, 16)), ImageFormat::Png);
         assert!(decode_rgb(&bytes[..bytes.len() / 2]).is_err());
+        let noisy = RgbImage::from_fn(64, 48, |c, r| {
+            image::Rgb([
+                (c * 37 % 256) as u8,
+                (r * 91 % 256) as u8,
+                ((c ^ r) * 13 % 256) as u8,
+            ])
+        });
+        let jpeg = encode(DynamicImage::ImageRgb8(noisy), ImageFormat::Jpeg);
+        // (Only a missing end-of-image marker is tolerated, as libjpeg does.)
+        for keep in [jpeg.len() / 3, jpeg.len() * 2 / 3, jpeg.len() * 9 / 10] {
+            assert!(
+                decode_rgb(&jpeg[..keep]).is_err(),
+                "JPEG truncated to {keep} of {} bytes",
+                jpeg.len()
+            );
+        }
     }
 }

@@ -310,8 +310,8 @@ impl Transform {
                 let options = fir::ResizeOptions::new()
                     .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear))
                     .crop(src_left, src_top, src_width, src_height);
-                fir::Resizer::new()
-                    .resize(&src, &mut dst, &options)
+                RESIZER
+                    .with_borrow_mut(|resizer| resizer.resize(&src, &mut dst, &options))
                     .map_err(|e| failed(e.to_string()))?;
                 Ok(Region {
                     pixels: Cow::Owned(dst.into_vec()),
@@ -322,6 +322,11 @@ impl Transform {
             }
         }
     }
+}
+
+thread_local! {
+    /// One resizer per decoding thread: it keeps its scratch buffers between images.
+    static RESIZER: std::cell::RefCell<fir::Resizer> = std::cell::RefCell::new(fir::Resizer::new());
 }
 
 /// Resized RGB pixels holding the crop window at (`top`, `left`), rows `stride_cols` wide.
