@@ -174,7 +174,8 @@ impl BatchNorm2d {
         })
     }
 
-    /// The running statistics (locked for the caller's use).
+    /// The running statistics, locked: drop the guard before the next forward, which locks
+    /// them too.
     pub fn running_stats(&self) -> MutexGuard<'_, RunningStats> {
         lock_stats(&self.stats)
     }
