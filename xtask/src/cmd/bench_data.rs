@@ -343,8 +343,7 @@ fn time_pillow(
 }
 
 fn throughput(mut runs: Vec<f64>, threads: usize) -> Throughput {
-    let images_per_s = median(&mut runs.clone());
-    runs.sort_by(f64::total_cmp);
+    let images_per_s = median(&mut runs);
     Throughput {
         images_per_s,
         images_per_s_per_core: images_per_s / threads as f64,
@@ -410,12 +409,8 @@ pub fn run(args: Args, _device: DeviceSpec) -> Result<()> {
         list.entries().len()
     );
     let components = time_components(&list, &transform)?;
-    let rust_runs = (0..args.runs)
-        .map(|run| time_rust(&list, &transform, &args, threads, run as u64))
-        .collect::<Result<Vec<f64>>>()?;
-    let rust = throughput(rust_runs, threads);
-
-    let pillow = if args.no_pillow {
+    // Rust and Pillow runs alternate, so load from other processes hits both alike.
+    let pillow_setup = if args.no_pillow {
         None
     } else {
         let python = pillow_python(&repo)?;
@@ -427,21 +422,20 @@ pub fn run(args: Args, _device: DeviceSpec) -> Result<()> {
             .collect();
         std::fs::write(&list_file, paths.join("\n"))
             .with_context(|| format!("writing {}", list_file.display()))?;
-        let script = repo.join("benches/pillow_pipeline.py");
-        let runs = (0..args.runs)
-            .map(|_| {
-                time_pillow(
-                    &python,
-                    &script,
-                    &list_file,
-                    &args,
-                    threads,
-                    resize_mode == ResizeMode::Warp,
-                )
-            })
-            .collect::<Result<Vec<f64>>>()?;
-        Some(throughput(runs, threads))
+        Some((python, list_file, repo.join("benches/pillow_pipeline.py")))
     };
+    let (mut rust_runs, mut pillow_runs) = (Vec::new(), Vec::new());
+    for run in 0..args.runs {
+        rust_runs.push(time_rust(&list, &transform, &args, threads, run as u64)?);
+        if let Some((python, list_file, script)) = &pillow_setup {
+            let warp = resize_mode == ResizeMode::Warp;
+            pillow_runs.push(time_pillow(
+                python, script, list_file, &args, threads, warp,
+            )?);
+        }
+    }
+    let rust = throughput(rust_runs, threads);
+    let pillow = pillow_setup.map(|_| throughput(pillow_runs, threads));
     let ratio_vs_pillow = pillow.as_ref().map(|p| rust.images_per_s / p.images_per_s);
 
     let report = Report {
