@@ -116,3 +116,20 @@ fn argmax(logits: &Tensor) -> Result<Vec<u32>, TrainError> {
 fn count_equal(predicted: &[u32], labels: &[u32]) -> usize {
     predicted.iter().zip(labels).filter(|(p, l)| p == l).count()
 }
+
+/// Builds the model `config` describes for `num_classes` and loads `weights` into it (every
+/// tensor must match: a file saved by a run of the same shape).
+pub fn load_model(
+    config: &crate::TrainConfig,
+    num_classes: usize,
+    weights: &std::path::Path,
+    device: &Device,
+) -> Result<ResNet, TrainError> {
+    let varmap = candle_nn::VarMap::new();
+    let model = ResNet::from_config(
+        crate::trainer::resnet_config(config, num_classes),
+        candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, device),
+    )?;
+    model.load_safetensors(weights, snapmix_models::LoadOptions::strict())?;
+    Ok(model)
+}

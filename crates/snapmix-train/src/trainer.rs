@@ -361,8 +361,9 @@ impl Trainer {
         metrics: MetricsWriter,
         state: TrainState,
     ) -> Result<Self, TrainError> {
+        // A fixed CAM model (official `--weightfile`): same shape as the trained one.
         let cam_model = match &config.mix.cam_weights {
-            Some(path) => Some(load_cam_model(
+            Some(path) => Some(crate::eval::load_model(
                 &config,
                 data.class_names.len(),
                 path,
@@ -644,22 +645,6 @@ impl Trainer {
             train_seconds: self.state.train_seconds,
         }))
     }
-}
-
-/// A fixed CAM model (official `--weightfile`): same shape as the trained one.
-fn load_cam_model(
-    config: &TrainConfig,
-    num_classes: usize,
-    path: &Path,
-    device: &Device,
-) -> Result<ResNet, TrainError> {
-    let varmap = VarMap::new();
-    let model = ResNet::from_config(
-        resnet_config(config, num_classes),
-        VarBuilder::from_varmap(&varmap, DType::F32, device),
-    )?;
-    model.load_safetensors(path, LoadOptions::strict())?;
-    Ok(model)
 }
 
 fn eval_record(epoch: usize, result: &EvalResult) -> EvalRecord {

@@ -13,8 +13,4 @@ pub mod label_fidelity;
 pub mod plot;
 pub mod show_mix;
 pub mod train;
-
-/// The error of a subcommand whose issue is still open: a clear failure, never fake output.
-pub fn not_implemented(name: &str) -> anyhow::Result<()> {
-    anyhow::bail!("`cargo xtask {name}` is not implemented yet")
-}
+pub mod train_progress;
