@@ -1,21 +1,24 @@
 //! The briefly trained CAM model of `show-mix` and `bench-labels`: a narrow ResNet-18 trained
-//! from scratch on the synthetic set for a few CPU minutes, cached under target/, plus the
-//! synthetic batches (normalised images, part masks, labels) both commands draw.
+//! from scratch on the synthetic set for a few CPU minutes with snapmix-train's `Trainer`,
+//! cached under target/, plus the synthetic batches (normalised images, part masks, labels)
+//! both commands draw.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use snapmix_data::synthetic::{Split, SyntheticConfig, SyntheticSet};
 use snapmix_data::transform::{IMAGENET_MEAN, IMAGENET_STD};
 use snapmix_data::ImageDataset;
 use snapmix_models::{Arch, LoadOptions, ResNet, ResNetConfig};
-use snapmix_train::{NamedVar, ParamGroup, Sgd, SgdSettings};
+use snapmix_train::config::{
+    preset, MixMethod, ScheduleSettings, SyntheticSettings, SYNTHETIC_PRESET,
+};
+use snapmix_train::{EpochSummary, Observer, Outcome, StartMode, Trainer, TrainerOptions};
 
 /// What the brief model is trained on and how long: also the key of its cache file.
 #[derive(Debug, Clone, PartialEq, clap::Args)]
@@ -124,7 +127,7 @@ pub fn load_or_train(
             (cached, "cached brief model".to_string())
         }
         None => {
-            let seconds = train(&model, spec, device)?;
+            let seconds = train(&model, spec, &cached, device)?;
             if let Some(dir) = cached.parent() {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
@@ -132,10 +135,7 @@ pub fn load_or_train(
             model
                 .save_safetensors(&cached)
                 .with_context(|| format!("saving {}", cached.display()))?;
-            (
-                cached,
-                format!("trained now ({:.0} s, minimal local loop)", seconds),
-            )
+            (cached, format!("trained now ({seconds:.0} s)"))
         }
     };
     let test = SyntheticSet::new(&spec.synthetic(), Split::Test)?;
@@ -197,88 +197,76 @@ pub fn synthetic_batch(
     })
 }
 
-/// Plain supervised training (no mixing): SGD with Nesterov momentum, cosine learning rate,
-/// random horizontal flips (the class patterns are flip-symmetric). Returns the seconds spent.
-fn train(model: &ResNet, spec: &BriefSpec, device: &Device) -> Result<f64> {
+/// Plain supervised training (no mixing) with snapmix-train's `Trainer`: the `synthetic`
+/// preset (narrow ResNet-18 from scratch, SGD with Nesterov momentum, flips) at this spec's
+/// size and length. The run directory sits next to the cache file; the final weights are
+/// loaded into `model`. Returns the seconds spent.
+fn train(model: &ResNet, spec: &BriefSpec, cache: &Path, device: &Device) -> Result<f64> {
     let start = Instant::now();
-    model.init_weights(spec.data_seed)?;
-    let params = model
-        .named_parameters()
-        .iter()
-        .map(|(name, tensor)| {
-            Ok(NamedVar {
-                name: name.clone(),
-                var: Var::from_tensor(tensor)?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut sgd = Sgd::new(
-        vec![ParamGroup {
-            label: "all".into(),
-            base_lr: 0.05,
-            weight_decay: 5e-4,
-            params,
-        }],
-        SgdSettings {
-            momentum: 0.9,
-            nesterov: true,
-            decay_bn_and_bias: true,
-        },
-    )?;
-    let set = SyntheticSet::new(&spec.synthetic(), Split::Train)?;
-    let batch_size = 32;
-    let steps_per_epoch = set.len() / batch_size;
-    let total_steps = (steps_per_epoch * spec.train_epochs).max(1);
-    let mut rng = ChaCha8Rng::seed_from_u64(spec.data_seed ^ 0x6272_6965_66);
+    let mut config = preset(SYNTHETIC_PRESET)?;
+    config.name = "brief-cam-model".into();
+    config.seed = spec.data_seed;
+    config.data.synthetic = SyntheticSettings {
+        classes: spec.classes,
+        train_per_class: spec.train_per_class,
+        test_per_class: spec.synthetic().test_per_class,
+        image_size: spec.image_size,
+    };
+    // Whole images: the synthetic set is rendered at its size (no resize), flips stay on.
+    config.data.resize = spec.image_size;
+    config.data.crop = spec.image_size;
+    config.model.base_width = spec.base_width;
+    config.mix.method = MixMethod::None;
+    config.schedule = ScheduleSettings {
+        epochs: spec.train_epochs,
+        milestones: vec![(spec.train_epochs * 3).div_ceil(4)],
+        gamma: 0.1,
+    };
+    config.run.eval_every_epochs = spec.train_epochs.max(1);
+    let run_dir = cache.with_extension("run");
     eprintln!(
-        "training the brief CAM model (ResNet-18 width {}, {} images of {}x{}, {} epochs) on {:?}; \
-         cached afterwards",
+        "training the brief CAM model (ResNet-18 width {}, {} images of {}x{}, {} epochs, \
+         snapmix-train's Trainer) in {}; cached afterwards",
         spec.base_width,
-        set.len(),
+        spec.classes * spec.train_per_class,
         spec.image_size,
         spec.image_size,
         spec.train_epochs,
-        device
+        run_dir.display()
     );
-    let all = synthetic_batch(&set, &(0..set.len()).collect::<Vec<_>>(), device)?;
-    let mut step = 0;
-    for epoch in 0..spec.train_epochs {
-        let mut order: Vec<usize> = (0..set.len()).collect();
-        order.shuffle(&mut rng);
-        let mut loss_sum = 0.0;
-        for chunk in order.chunks_exact(batch_size) {
-            let progress = step as f64 / total_steps as f64;
-            sgd.set_lr_factor(0.5 * (1.0 + (std::f64::consts::PI * progress).cos()));
-            let index = Tensor::from_vec(
-                chunk.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                batch_size,
-                device,
-            )?;
-            let mut images = all.images.index_select(&index, 0)?;
-            if rand::Rng::random_bool(&mut rng, 0.5) {
-                images = images.flip(&[3])?;
-            }
-            let labels = all.labels.index_select(&index, 0)?;
-            let logits = model.forward_t(&images, true)?.logits;
-            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-            let value = loss.to_scalar::<f32>()?;
-            anyhow::ensure!(
-                value.is_finite(),
-                "brief model: loss {value} at step {step}"
-            );
-            loss_sum += f64::from(value);
-            sgd.step(&loss.backward()?)?;
-            step += 1;
-        }
+    let options = TrainerOptions {
+        device: device.clone(),
+        run_dir: run_dir.clone(),
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    let mut observer = EpochLog { start };
+    let mut trainer = Trainer::start(config, options, StartMode::Overwrite, &mut observer)
+        .context("starting the brief model's training run")?;
+    let summary = match trainer.run(&mut observer)? {
+        Outcome::Completed(summary) => summary,
+        Outcome::Interrupted { .. } => bail!("the brief model's training was interrupted"),
+    };
+    model
+        .load_safetensors(&summary.final_weights, LoadOptions::strict())
+        .with_context(|| format!("loading {}", summary.final_weights.display()))?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Prints one line per finished epoch of the brief model's training.
+struct EpochLog {
+    start: Instant,
+}
+
+impl Observer for EpochLog {
+    fn epoch_done(&mut self, summary: &EpochSummary) {
         eprintln!(
             "  epoch {}/{}: loss {:.3} ({:.0} s)",
-            epoch + 1,
-            spec.train_epochs,
-            loss_sum / steps_per_epoch.max(1) as f64,
-            start.elapsed().as_secs_f64()
+            summary.epoch + 1,
+            summary.epochs,
+            summary.train_loss,
+            self.start.elapsed().as_secs_f64()
         );
     }
-    Ok(start.elapsed().as_secs_f64())
 }
 
 /// Top-1 accuracy of `model` (eval mode) on `set`.

@@ -220,7 +220,10 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
         &mut canvas_img,
         &font,
         &model_note,
-        columns[0].name(),
+        &columns
+            .iter()
+            .find(|c| !matches!(c, Column::Mix(Method::Mixup)))
+            .map_or("no method's".to_string(), |c| format!("{}'s", c.name())),
         &batch,
         legend_h,
     );
@@ -251,14 +254,17 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
     let pictures = denormalise(&batch.images)?;
     let heat = spm.maps()?.to_dtype(DType::F32)?.to_vec3::<f32>()?;
     let degenerate = spm.degenerate();
-    let (first_column, first_params, _) = &mixes[0];
     let scale = tile as f32 / size as f32;
     for i in 0..len {
         let partner = perm[i];
         let top = (legend_h + header_h + i as u32 * row_h) as i32;
         let x_of = |c: u32| (gap + c * (tile + gap)) as i32;
-        let s = &first_params.samples[i];
-        let has_boxes = !matches!(first_column, Column::Mix(Method::Mixup));
+        // Columns 1-4 show the boxes of the first method that has boxes (not Mixup).
+        let boxed = mixes
+            .iter()
+            .find(|(column, _, _)| !matches!(column, Column::Mix(Method::Mixup)));
+        let has_boxes = boxed.is_some();
+        let s = boxed.map_or(SampleMix::none(), |(_, params, _)| params.samples[i]);
         let class = |j: usize| {
             let label = batch.label_values[j] as usize;
             batch
@@ -407,7 +413,7 @@ fn draw_legend(
     let lines = [
         "Each row: image a, its partner b, the CAM (SPM) of each image's own label, then each method's mixed image.".to_string(),
         format!(
-            "Green box: box_a, the region of a that is replaced.  Orange box: box_b, the region of b pasted (resized) into box_a.  Columns 1-4 show {}'s boxes.",
+            "Green box: box_a, the region of a that is replaced.  Orange box: box_b, the region of b pasted (resized) into box_a.  Columns 1-4 show {} boxes.",
             first_method
         ),
         format!(
