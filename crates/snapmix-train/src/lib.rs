@@ -23,3 +23,8 @@ pub use schedule::MultiStepLr;
 pub use trainer::{
     EpochSummary, Observer, Outcome, RunSummary, Silent, StepProgress, Trainer, TrainerOptions,
 };
+
+/// The top-level README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct TopLevelReadme;
