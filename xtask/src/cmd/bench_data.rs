@@ -95,13 +95,6 @@ struct Report {
     components: Components,
 }
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
@@ -353,7 +346,7 @@ fn throughput(mut runs: Vec<f64>, threads: usize) -> Throughput {
 
 /// Runs `cargo xtask bench-data`.
 pub fn run(args: Args, _device: DeviceSpec) -> Result<()> {
-    let repo = repo_root();
+    let repo = super::repo_root();
     let bench_dir = repo.join("target/bench");
     std::fs::create_dir_all(&bench_dir)
         .with_context(|| format!("creating {}", bench_dir.display()))?;

@@ -206,7 +206,7 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
     }
 
     let font = canvas::font()?;
-    let out_dir = brief_model::repo_root().join("target/bench");
+    let out_dir = super::repo_root().join("target/bench");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     const BINS: usize = 20;
     let mut rows = Vec::new();

@@ -10,7 +10,6 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use snapmix_cam::{semantic_percent_maps, semantic_percent_maps_composed, Spm};
 use snapmix_mix::{apply, apply_composed, apply_in_place, Method, MixConfig, MixParams};
-use std::path::PathBuf;
 use std::time::Instant;
 
 /// Flags of `cargo xtask bench-mix`.
@@ -150,7 +149,7 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
         threads: rayon_threads(),
         results,
     };
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let dir = super::repo_root().join("target/bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("bench-mix.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)

@@ -10,7 +10,7 @@ use serde::Serialize;
 use snapmix_models::ops::dispatch::set_composed_ops;
 use snapmix_models::{Arch, ResNet};
 use snapmix_train::{NamedVar, ParamGroup, Sgd, SgdSettings};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -156,7 +156,7 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     // Before rayon's global pool (and candle's thread count) are first used.
     std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
-    let repo = repo_root()?;
+    let repo = super::repo_root();
 
     let mut rows = Vec::new();
     for config in &configs {
@@ -451,13 +451,6 @@ fn cpu_model() -> String {
                 .map(|m| m.trim().to_string())
         })
         .unwrap_or_else(|| "unknown".into())
-}
-
-fn repo_root() -> Result<PathBuf> {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .context("xtask's manifest directory has no parent")
 }
 
 #[cfg(test)]

@@ -87,14 +87,6 @@ pub struct BriefModel {
     pub origin: String,
 }
 
-/// The repository root (xtask lives in `<root>/xtask`).
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
 /// Loads `weights` (a narrow ResNet-18 of `spec`'s shape) or the cached brief model, or trains
 /// and caches one; then measures its test accuracy on the synthetic set.
 pub fn load_or_train(
@@ -105,7 +97,7 @@ pub fn load_or_train(
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let model = ResNet::from_config(spec.model_config(), vb).context("building the ResNet")?;
-    let cached = spec.cache_path(&repo_root());
+    let cached = spec.cache_path(&super::repo_root());
     let (path, origin) = match weights {
         Some(path) => {
             model

@@ -37,7 +37,7 @@ const SYSTEM_LIBS: &[&str] = &[
 
 /// Runs `cargo xtask dist`.
 pub fn run(args: Args, _device: DeviceSpec) -> Result<()> {
-    let root = workspace_root();
+    let root = super::repo_root();
     let binary = build_release(&root, &args.features)?;
     let target = host_triple()?;
     let version = env!("CARGO_PKG_VERSION");
@@ -63,13 +63,6 @@ pub fn run(args: Args, _device: DeviceSpec) -> Result<()> {
     );
     println!("on the target machine: tar -xJf {name}.tar.xz && {name}/run.sh train --device cuda");
     Ok(())
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives inside the workspace")
-        .to_path_buf()
 }
 
 /// Builds `xtask` in release mode and returns the path cargo reports for the executable.

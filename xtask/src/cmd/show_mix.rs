@@ -375,7 +375,7 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
     let output = args
         .output
         .clone()
-        .unwrap_or_else(|| brief_model::repo_root().join("target/show-mix.png"));
+        .unwrap_or_else(|| super::repo_root().join("target/show-mix.png"));
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

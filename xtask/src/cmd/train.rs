@@ -2,7 +2,7 @@
 //! progress display, Ctrl-C checkpointing and resume, and reports final- and best-epoch
 //! accuracy; `--compare` trains several mixing methods on the same budget side by side.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -260,23 +260,9 @@ fn report(summary: &RunSummary) {
     println!("best weights: {}", summary.best_weights.display());
 }
 
-/// The workspace root (runs go to its target/runs), or the current directory for a packaged
-/// binary whose source tree is elsewhere.
-fn repo_root() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    if root.join("Cargo.toml").is_file() {
-        root
-    } else {
-        PathBuf::from(".")
-    }
-}
-
 /// The runs folder.
 pub fn runs_dir() -> PathBuf {
-    repo_root().join("target").join("runs")
+    super::repo_root().join("target").join("runs")
 }
 
 /// `--run-dir`, else runs/<name>; a name not chosen by the user gets a UTC timestamp so that
