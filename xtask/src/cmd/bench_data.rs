@@ -262,39 +262,7 @@ fn time_components(list: &ImageList, transform: &Transform) -> Result<Components
 
 /// The Python of `<repo>/.venv`, created with Pillow and NumPy when missing.
 fn pillow_python(repo: &Path) -> Result<PathBuf> {
-    let venv = repo.join(".venv");
-    let python = venv.join("bin/python");
-    let has_packages = |python: &Path| {
-        Command::new(python)
-            .args(["-c", "import PIL, numpy"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if has_packages(&python) {
-        return Ok(python);
-    }
-    eprintln!(
-        "bench-data: installing Pillow and NumPy into {}",
-        venv.display()
-    );
-    if !python.exists() {
-        let status = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .context("running python3 -m venv (is python3 installed?)")?;
-        if !status.success() {
-            bail!("python3 -m venv {} failed", venv.display());
-        }
-    }
-    let status = Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "pillow", "numpy"])
-        .status()
-        .context("running pip install pillow numpy")?;
-    if !status.success() || !has_packages(&python) {
-        bail!("could not install Pillow and NumPy into {}", venv.display());
-    }
-    Ok(python)
+    super::python_venv(&repo.join(".venv"), &["pillow", "numpy"], "PIL, numpy")
 }
 
 /// One Pillow run; images/s.

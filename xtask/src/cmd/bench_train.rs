@@ -288,35 +288,9 @@ fn synthetic_batch(
 /// Runs the PyTorch baseline in `<repo>/.venv-bench` (created, with torch from PyPI, if
 /// missing); returns torch's version and the per-step times of each config.
 fn run_torch(repo: &Path, configs: &[BenchConfig], args: &Args) -> Result<(String, Vec<Vec<f64>>)> {
-    let venv = repo.join(".venv-bench");
-    let python = venv.join("bin").join("python");
-    if !has_torch(&python) {
-        eprintln!(
-            "bench-train: installing torch from PyPI into {} (about 5 GB with its CUDA wheels)",
-            venv.display()
-        );
-        if !python.exists() {
-            let status = Command::new("python3")
-                .args(["-m", "venv"])
-                .arg(&venv)
-                .status()
-                .context("cannot run `python3 -m venv` (is Python 3 installed?)")?;
-            ensure!(
-                status.success(),
-                "`python3 -m venv {}` failed",
-                venv.display()
-            );
-        }
-        let status = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "torch", "numpy"])
-            .status()
-            .with_context(|| format!("cannot run pip of {}", python.display()))?;
-        ensure!(
-            status.success() && has_torch(&python),
-            "installing torch into {} failed; rerun with --no-torch to skip the baseline",
-            venv.display()
-        );
-    }
+    eprintln!("bench-train: PyTorch from PyPI in .venv-bench (about 5 GB with its CUDA wheels when first installed)");
+    let python = super::python_venv(&repo.join(".venv-bench"), &["torch", "numpy"], "torch")
+        .context("no PyTorch baseline; rerun with --no-torch to skip it")?;
     let specs: Vec<String> = configs
         .iter()
         .map(|c| format!("{}:{}:{}", c.arch.name(), c.batch, c.size))
@@ -395,15 +369,6 @@ fn rerun_optimised() -> Result<Option<i32>> {
         .status()
         .context("cannot start cargo to build xtask optimised")?;
     Ok(Some(status.code().unwrap_or(1)))
-}
-
-fn has_torch(python: &Path) -> bool {
-    python.exists()
-        && Command::new(python)
-            .args(["-c", "import torch"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
 }
 
 fn print_table(rows: &[Row], threads: usize) {
