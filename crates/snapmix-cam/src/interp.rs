@@ -1,12 +1,17 @@
 //! Linear-interpolation taps computed exactly as PyTorch's CPU `upsample_bilinear2d` does
 //! (f32 scale, source index, floor and lambdas), so our maps match it bit for bit in most pixels.
 
-/// For every output position along one axis: the two source indices and their weights.
+/// For every output position along one axis: the two source indices and their weights. Shared
+/// with `snapmix-mix`'s patch resize so both crates interpolate with PyTorch's exact arithmetic.
 #[derive(Debug, Clone)]
-pub(crate) struct Taps {
+pub struct Taps {
+    /// The lower source index of each output position.
     pub i0: Vec<usize>,
+    /// The upper source index (equal to `i0` at the last source sample).
     pub i1: Vec<usize>,
+    /// The weight of `i0`.
     pub w0: Vec<f32>,
+    /// The weight of `i1` (`1 - w0`).
     pub w1: Vec<f32>,
 }
 
@@ -14,7 +19,7 @@ impl Taps {
     /// Taps resizing an axis of `in_size` samples to `out_size` samples. `align_corners = false`
     /// treats pixels as areas (the CAM upsample); `true` maps the corner centres onto each other
     /// (the official SnapMix patch resize). Both sizes must be at least 1.
-    pub(crate) fn new(in_size: usize, out_size: usize, align_corners: bool) -> Self {
+    pub fn new(in_size: usize, out_size: usize, align_corners: bool) -> Self {
         let scale = if align_corners {
             if out_size > 1 {
                 (in_size - 1) as f32 / (out_size - 1) as f32

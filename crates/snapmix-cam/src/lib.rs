@@ -38,6 +38,7 @@ mod source;
 mod spm;
 
 pub use error::{CamError, Result};
+pub use interp::Taps as BilinearTaps;
 pub use pixel_box::PixelBox;
 pub use source::CamSource;
 pub use spm::{semantic_percent_maps, semantic_percent_maps_composed, Spm};

@@ -4,7 +4,7 @@
 use crate::apply::Paste;
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor};
 use rayon::prelude::*;
-use snapmix_cam::PixelBox;
+use snapmix_cam::{BilinearTaps as Taps, PixelBox};
 
 /// Mixes `images` `[B, channels, rows, cols]` by `pastes` into a new tensor; `None` when the
 /// tensor is not a CPU f32 tensor (the caller then uses the composed path).
@@ -229,8 +229,8 @@ impl Resize {
         Self {
             from,
             same_size: from.rows() == to.rows() && from.cols() == to.cols(),
-            row_taps: Taps::align_corners(from.rows(), to.rows()),
-            col_taps: Taps::align_corners(from.cols(), to.cols()),
+            row_taps: Taps::new(from.rows(), to.rows(), true),
+            col_taps: Taps::new(from.cols(), to.cols(), true),
         }
     }
 
@@ -278,51 +278,16 @@ impl Resize {
     }
 }
 
-/// Source indices and weights of one axis, computed as PyTorch's CPU kernel does in f32.
-struct Taps {
-    i0: Vec<usize>,
-    i1: Vec<usize>,
-    w0: Vec<f32>,
-    w1: Vec<f32>,
-}
-
-impl Taps {
-    /// `align_corners = true`: output `d` reads source `d * (in - 1) / (out - 1)`.
-    fn align_corners(in_size: usize, out_size: usize) -> Self {
-        let scale = if out_size > 1 {
-            (in_size - 1) as f32 / (out_size - 1) as f32
-        } else {
-            0.0
-        };
-        let mut taps = Self {
-            i0: Vec::with_capacity(out_size),
-            i1: Vec::with_capacity(out_size),
-            w0: Vec::with_capacity(out_size),
-            w1: Vec::with_capacity(out_size),
-        };
-        for d in 0..out_size {
-            let src = scale * d as f32;
-            let i0 = (src.floor() as usize).min(in_size - 1);
-            let lambda1 = (src - i0 as f32).clamp(0.0, 1.0);
-            taps.i0.push(i0);
-            taps.i1.push(if i0 < in_size - 1 { i0 + 1 } else { i0 });
-            taps.w0.push(1.0 - lambda1);
-            taps.w1.push(lambda1);
-        }
-        taps
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn align_corners_taps_hit_both_ends() {
-        let t = Taps::align_corners(3, 5);
+        let t = Taps::new(3, 5, true);
         assert_eq!(t.i0, vec![0, 0, 1, 1, 2]);
         assert_eq!(t.w1, vec![0.0, 0.5, 0.0, 0.5, 0.0]);
-        let single = Taps::align_corners(4, 1);
+        let single = Taps::new(4, 1, true);
         assert_eq!((single.i0[0], single.w1[0]), (0, 0.0));
     }
 
