@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::ops::{batch_norm::batch_norm_train, conv2d::conv2d};
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -40,24 +41,6 @@ pub(crate) fn full_name(vb: &VarBuilder, name: &str) -> String {
 /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weights and biases alike.
 pub(crate) fn torch_default_bound(fan_in: usize) -> f64 {
     1.0 / (fan_in.max(1) as f64).sqrt()
-}
-
-/// The convolution math: `x` `[B, Cin, rows, cols]` with `weight` `[Cout, Cin, k, k]`.
-pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    crate::ops::conv2d::conv2d(x, weight, stride, padding)
-}
-
-/// Training-mode batch norm over `[B, C, rows, cols]`, followed by ReLU when `relu` is set (one
-/// fused pass on the CPU): returns the output and the batch mean and biased variance per channel
-/// (`[C]`), which the caller folds into the running statistics.
-pub fn batch_norm_train(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f64,
-    relu: bool,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    crate::ops::batch_norm::batch_norm_train(x, gamma, beta, eps, relu)
 }
 
 /// Evaluation-mode batch norm with fixed statistics, as one scale and shift per channel.
