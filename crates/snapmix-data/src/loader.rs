@@ -296,7 +296,15 @@ impl Loader {
 
     /// The batches of `epoch`, loaded ahead by a background thread (`prefetch` batches deep).
     pub fn epoch(&self, epoch: u64) -> EpochIter {
-        let batches = self.epoch_batches(epoch);
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` from batch `first_batch` on (0-based), bitwise those an
+    /// uninterrupted [`Loader::epoch`] yields from there: a resumed run continues mid-epoch
+    /// without decoding the batches it already trained on. Past the last batch it is empty.
+    pub fn epoch_from(&self, epoch: u64, first_batch: usize) -> EpochIter {
+        let mut batches = self.epoch_batches(epoch);
+        batches.drain(..first_batch.min(batches.len()));
         if self.config.prefetch == 0 {
             return EpochIter {
                 inner: Inner::Inline {
@@ -470,6 +478,67 @@ mod tests {
         let t = batch.images_tensor(&Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[5, 3, 24, 24]);
         assert_eq!(batch.labels_tensor(&Device::Cpu).unwrap().dims(), &[5]);
+    }
+
+    /// Counts the images decoded, to show that skipped batches are never loaded.
+    struct Counting {
+        inner: Arc<dyn ImageDataset>,
+        loads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ImageDataset for Counting {
+        fn len(&self) -> usize {
+            self.inner.len()
+        }
+        fn num_classes(&self) -> usize {
+            self.inner.num_classes()
+        }
+        fn label(&self, index: usize) -> usize {
+            self.inner.label(index)
+        }
+        fn load(&self, index: usize) -> Result<image::RgbImage, DataError> {
+            self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.load(index)
+        }
+    }
+
+    #[test]
+    fn epoch_from_continues_bitwise_without_decoding_the_skipped_batches() {
+        for prefetch in [0, 2] {
+            let counting = Arc::new(Counting {
+                inner: synthetic(3),
+                loads: Default::default(),
+            });
+            let config = LoaderConfig {
+                prefetch,
+                drop_last: false,
+                ..LoaderConfig::train(4, 5)
+            };
+            let loader = Loader::new(
+                counting.clone(),
+                Transform::train(ResizeMode::Keep, 32, 24),
+                config,
+            )
+            .unwrap();
+            let full: Vec<Batch> = loader.epoch(3).collect::<Result<_, _>>().unwrap();
+            assert_eq!(full.len(), 8); // 30 images: 7 of 4, then 2
+            for first in [0, 1, 5, 7] {
+                counting.loads.store(0, std::sync::atomic::Ordering::SeqCst);
+                let rest: Vec<Batch> = loader
+                    .epoch_from(3, first)
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                assert_eq!(rest, full[first..], "prefetch {prefetch}, from {first}");
+                let decoded: usize = full[first..].iter().map(Batch::len).sum();
+                assert_eq!(
+                    counting.loads.load(std::sync::atomic::Ordering::SeqCst),
+                    decoded,
+                    "only the served batches are decoded"
+                );
+            }
+            assert_eq!(loader.epoch_from(3, 8).count(), 0);
+            assert_eq!(loader.epoch_from(3, 100).count(), 0);
+        }
     }
 
     #[test]
