@@ -31,6 +31,8 @@
 
 mod composed;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod error;
 mod interp;
 mod pixel_box;

@@ -1,5 +1,5 @@
 //! `semantic_percent_maps`: the SPM of each sample's own label, with per-sample degenerate flags,
-//! the raw CAM and box sums; fused kernels on CPU, composed candle ops elsewhere.
+//! the raw CAM and box sums; fused kernels on CPU and CUDA, composed candle ops elsewhere.
 
 use crate::cpu::{gather_cam, Norm, Upsample};
 use crate::{composed, CamError, PixelBox, Result};
@@ -16,12 +16,29 @@ use std::sync::OnceLock;
 pub struct Spm {
     /// Full-size maps, written on first use (mixing needs only box sums).
     maps: OnceLock<Tensor>,
-    /// Column-interpolated CAM rows `[B, h, cols]` the fused path writes the maps from.
-    colint: Vec<f32>,
     cam: Tensor,
-    cam_host: Vec<f32>,
-    norms: Vec<Norm>,
+    norms: Norms,
     upsample: Upsample,
+}
+
+/// Where each sample's normalisation lives.
+#[derive(Debug, Clone)]
+enum Norms {
+    /// Computed on the host (the fused CPU path and the composed path).
+    Host {
+        /// Column-interpolated CAM rows `[B, h, cols]` the fused path writes the maps from
+        /// (empty for the composed path, whose maps are already written).
+        colint: Vec<f32>,
+        cam_host: Vec<f32>,
+        norms: Vec<Norm>,
+    },
+    /// On the GPU: `(min, sum, degenerate)` `[B, 3]` f64 from the stats kernel; read back
+    /// only if the host asks for flags or box sums.
+    #[cfg(feature = "cuda")]
+    Device {
+        stats: Tensor,
+        host: OnceLock<Vec<Norm>>,
+    },
 }
 
 impl Spm {
@@ -31,8 +48,17 @@ impl Spm {
         if let Some(maps) = self.maps.get() {
             return Ok(maps.clone());
         }
-        let maps = self.upsample.write(&self.colint, &self.norms);
-        let maps = Tensor::from_vec(maps, (self.batch(), self.rows(), self.cols()), &Device::Cpu)?;
+        let maps = match &self.norms {
+            Norms::Host { colint, norms, .. } => Tensor::from_vec(
+                self.upsample.write(colint, norms),
+                (self.batch(), self.rows(), self.cols()),
+                &Device::Cpu,
+            )?,
+            #[cfg(feature = "cuda")]
+            Norms::Device { stats, .. } => {
+                crate::cuda::maps(&self.cam, stats, self.rows(), self.cols())?
+            }
+        };
         Ok(self.maps.get_or_init(|| maps).clone())
     }
 
@@ -42,13 +68,20 @@ impl Spm {
     }
 
     /// Per sample: `true` where the SPM is undefined (constant or non-finite CAM).
+    ///
+    /// On a GPU this reads the flags back (a device synchronisation). Should that read fail (a
+    /// broken CUDA context) every sample is reported degenerate, so that a mixer falls back to
+    /// area label weights instead of using masses it cannot know.
     pub fn degenerate(&self) -> Vec<bool> {
-        self.norms.iter().map(|n| n.degenerate).collect()
+        match self.host_norms() {
+            Ok(norms) => norms.iter().map(|n| n.degenerate).collect(),
+            Err(_) => vec![true; self.batch()],
+        }
     }
 
     /// Batch size B.
     pub fn batch(&self) -> usize {
-        self.norms.len()
+        self.cam.dims()[0]
     }
 
     /// Image rows of the maps.
@@ -67,32 +100,111 @@ impl Spm {
     /// Computed from the low-resolution CAM and the summed interpolation weights, in f64: exact
     /// up to rounding and independent of the box size, never a pass over the full-size map.
     pub fn box_sums(&self, samples: &[usize], boxes: &[PixelBox]) -> Result<Vec<f64>> {
+        self.check_requests(samples, boxes)?;
+        match &self.norms {
+            Norms::Host {
+                cam_host, norms, ..
+            } => Ok(self.host_box_sums(cam_host, norms, samples, boxes)),
+            #[cfg(feature = "cuda")]
+            Norms::Device { .. } => Ok(self.box_sums_tensor(samples, boxes)?.to_vec1::<f64>()?),
+        }
+    }
+
+    /// [`Spm::box_sums`] as an f64 tensor `[N]` on the SPM's device, with no host round trip
+    /// on a GPU: what a mixer running on the GPU feeds to its label-weight kernel.
+    pub fn box_sums_tensor(&self, samples: &[usize], boxes: &[PixelBox]) -> Result<Tensor> {
+        self.check_requests(samples, boxes)?;
+        let device = self.cam.device();
+        if samples.is_empty() {
+            return Ok(Tensor::zeros(0, DType::F64, device)?);
+        }
+        match &self.norms {
+            Norms::Host {
+                cam_host, norms, ..
+            } => {
+                let sums = self.host_box_sums(cam_host, norms, samples, boxes);
+                Ok(Tensor::from_vec(sums, samples.len(), device)?)
+            }
+            #[cfg(feature = "cuda")]
+            Norms::Device { stats, .. } => {
+                let requests: Vec<(usize, PixelBox)> =
+                    samples.iter().copied().zip(boxes.iter().copied()).collect();
+                Ok(crate::cuda::box_sums(
+                    &self.cam,
+                    stats,
+                    &requests,
+                    self.rows(),
+                    self.cols(),
+                )?)
+            }
+        }
+    }
+
+    /// Pairs of in-range sample indices and boxes inside the image.
+    fn check_requests(&self, samples: &[usize], boxes: &[PixelBox]) -> Result<()> {
         if samples.len() != boxes.len() {
             return Err(CamError::BoxCountMismatch {
                 samples: samples.len(),
                 boxes: boxes.len(),
             });
         }
+        for (&sample, &bbox) in samples.iter().zip(boxes) {
+            if sample >= self.batch() {
+                return Err(CamError::SampleOutOfRange {
+                    index: sample,
+                    batch: self.batch(),
+                });
+            }
+            if !bbox.fits(self.rows(), self.cols()) {
+                return Err(CamError::BoxOutside {
+                    bbox,
+                    rows: self.rows(),
+                    cols: self.cols(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn host_box_sums(
+        &self,
+        cam_host: &[f32],
+        norms: &[Norm],
+        samples: &[usize],
+        boxes: &[PixelBox],
+    ) -> Vec<f64> {
         let plane = self.upsample.h * self.upsample.w;
         samples
             .iter()
             .zip(boxes)
             .map(|(&sample, &bbox)| {
-                let norm = *self.norms.get(sample).ok_or(CamError::SampleOutOfRange {
-                    index: sample,
-                    batch: self.batch(),
-                })?;
-                if !bbox.fits(self.rows(), self.cols()) {
-                    return Err(CamError::BoxOutside {
-                        bbox,
-                        rows: self.rows(),
-                        cols: self.cols(),
-                    });
-                }
-                let cam = &self.cam_host[sample * plane..(sample + 1) * plane];
-                Ok(self.upsample.box_sum(cam, norm, bbox))
+                let cam = &cam_host[sample * plane..(sample + 1) * plane];
+                self.upsample.box_sum(cam, norms[sample], bbox)
             })
             .collect()
+    }
+
+    /// Each sample's normalisation on the host (read back once from the GPU).
+    fn host_norms(&self) -> Result<&[Norm]> {
+        match &self.norms {
+            Norms::Host { norms, .. } => Ok(norms),
+            #[cfg(feature = "cuda")]
+            Norms::Device { stats, host } => {
+                if let Some(norms) = host.get() {
+                    return Ok(norms);
+                }
+                let values = stats.flatten_all()?.to_vec1::<f64>()?;
+                let norms = values
+                    .chunks_exact(3)
+                    .map(|s| Norm {
+                        min: s[0] as f32,
+                        sum: s[1],
+                        degenerate: s[2] != 0.0,
+                    })
+                    .collect();
+                Ok(host.get_or_init(|| norms))
+            }
+        }
     }
 }
 
@@ -101,10 +213,11 @@ impl Spm {
 /// bilinear upsample to `(rows, cols)` with `align_corners = false` (PyTorch's
 /// `F.interpolate` semantics), minus its minimum, divided by its sum.
 ///
-/// Only the B needed classifier rows are used (the official code computes all K maps). On CPU
-/// with f32 inputs this runs fused kernels and writes the full-size maps only when
-/// [`Spm::maps`] is called; on other devices or dtypes it falls back to
-/// [`semantic_percent_maps_composed`]. Bad shapes, a C or K mismatch, labels outside `0..K`
+/// Only the B needed classifier rows are used (the official code computes all K maps). With f32
+/// features on CPU, or on CUDA when built with the `cuda` feature, this runs fused kernels and
+/// writes the full-size maps only when [`Spm::maps`] is called (on CUDA the kernels are queued
+/// without a host synchronisation; only the label range check reads the B targets back); on
+/// other devices or dtypes it falls back to [`semantic_percent_maps_composed`]. Bad shapes, a C or K mismatch, labels outside `0..K`
 /// and an empty size are errors; degenerate samples are flagged, never a panic.
 pub fn semantic_percent_maps(
     features: &Tensor,
@@ -114,6 +227,10 @@ pub fn semantic_percent_maps(
     (rows, cols): (usize, usize),
 ) -> Result<Spm> {
     let inputs = Inputs::check(features, weight, bias, targets, rows, cols)?;
+    #[cfg(feature = "cuda")]
+    if features.device().is_cuda() && features.dtype() == DType::F32 {
+        return cuda_spm(&inputs);
+    }
     if !features.device().is_cpu() || features.dtype() != DType::F32 {
         return composed_spm(&inputs);
     }
@@ -141,11 +258,37 @@ pub fn semantic_percent_maps(
     let (colint, norms) = upsample.prepare(&cam_host);
     Ok(Spm {
         maps: OnceLock::new(),
-        colint,
         cam: Tensor::from_slice(&cam_host, (inputs.batch, inputs.h, inputs.w), &Device::Cpu)?,
-        cam_host,
-        norms,
+        norms: Norms::Host {
+            colint,
+            cam_host,
+            norms,
+        },
         upsample,
+    })
+}
+
+/// The fused CUDA path: the gather-matvec CAM and the stats kernel, queued on candle's stream;
+/// the maps are written only if asked for.
+#[cfg(feature = "cuda")]
+fn cuda_spm(inputs: &Inputs<'_>) -> Result<Spm> {
+    let device = inputs.features.device();
+    let weight = inputs.weight.to_dtype(DType::F32)?.contiguous()?;
+    let bias = match inputs.bias {
+        Some(bias) => bias.to_dtype(DType::F32)?.contiguous()?,
+        None => Tensor::zeros(weight.dims()[0], DType::F32, device)?,
+    };
+    let features = inputs.features.contiguous()?;
+    let cam = crate::cuda::cam(&features, &weight, &bias, &inputs.targets)?;
+    let stats = crate::cuda::stats(&cam, inputs.rows, inputs.cols)?;
+    Ok(Spm {
+        maps: OnceLock::new(),
+        cam,
+        norms: Norms::Device {
+            stats,
+            host: OnceLock::new(),
+        },
+        upsample: Upsample::new(inputs.h, inputs.w, inputs.rows, inputs.cols),
     })
 }
 
@@ -175,10 +318,12 @@ fn composed_spm(inputs: &Inputs<'_>) -> Result<Spm> {
     let (maps, norms) = composed::finish(maps, &cam_host, &stats)?;
     Ok(Spm {
         maps: OnceLock::from(maps),
-        colint: Vec::new(),
         cam,
-        cam_host,
-        norms,
+        norms: Norms::Host {
+            colint: Vec::new(),
+            cam_host,
+            norms,
+        },
         upsample: Upsample::new(inputs.h, inputs.w, inputs.rows, inputs.cols),
     })
 }

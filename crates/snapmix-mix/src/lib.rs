@@ -39,6 +39,8 @@ mod apply;
 mod composed;
 mod config;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod error;
 mod loss;
 mod params;
