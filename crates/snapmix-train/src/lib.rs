@@ -9,6 +9,7 @@ mod error;
 pub mod eval;
 pub mod metrics;
 pub mod optim;
+mod optim_cpu;
 pub mod rundir;
 pub mod schedule;
 pub mod trainer;

@@ -612,7 +612,7 @@ impl Trainer {
         self.metrics.sync()?;
         let model: HashMap<String, Tensor> = self.model.state_dict()?.into_iter().collect();
         self.run
-            .save_checkpoint(&model, &self.sgd.state_tensors(), &self.state, is_best)
+            .save_checkpoint(&model, &self.sgd.state_tensors()?, &self.state, is_best)
     }
 
     fn interrupted(&self, checkpoint: Checkpoint) -> Outcome {
