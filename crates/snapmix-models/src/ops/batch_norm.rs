@@ -14,8 +14,9 @@ use std::sync::{Arc, OnceLock};
 /// running averages. They carry no gradient.
 ///
 /// On the CPU with f32 tensors this is the fused custom op, which keeps only the per-channel mean
-/// and inverse standard deviation for backward (the ReLU mask is read from the output). Other
-/// devices and dtypes use composed candle ops until their path exists, as does every call after
+/// and inverse standard deviation for backward (the ReLU mask is read from the output); on CUDA,
+/// with the `cuda` feature, the same op runs as CUDA kernels. Other devices and dtypes use
+/// composed candle ops until their path exists, as does every call after
 /// [`set_composed_ops(true)`](super::dispatch::set_composed_ops).
 pub fn batch_norm_train(
     x: &Tensor,
@@ -28,7 +29,7 @@ pub fn batch_norm_train(
     if eps.is_nan() || eps <= 0.0 {
         bail!("batch_norm_train: eps must be positive, got {eps}");
     }
-    if !matches!(x.device(), Device::Cpu)
+    if !super::dispatch::has_fused_ops(x.device())
         || x.dtype() != DType::F32
         || super::dispatch::composed_ops()
     {
@@ -36,18 +37,26 @@ pub fn batch_norm_train(
     }
     let x = x.contiguous()?;
     let stats = Arc::new(OnceLock::new());
+    #[cfg(feature = "cuda")]
+    let device_stats = Arc::new(OnceLock::new());
     let op = BatchNormOp {
         dims,
         eps: eps as f32,
         relu,
         input_grad: x.track_op(),
         stats: stats.clone(),
+        #[cfg(feature = "cuda")]
+        device_stats: device_stats.clone(),
     };
     let output = x.apply_op3_arc(
         &gamma.contiguous()?,
         &beta.contiguous()?,
         Arc::new(Box::new(op)),
     )?;
+    #[cfg(feature = "cuda")]
+    if let Some(stats) = device_stats.get() {
+        return Ok((output, stats.mean.clone(), stats.var.clone()));
+    }
     let Some(stats) = stats.get() else {
         bail!("batch_norm_train: the forward pass left no statistics");
     };
@@ -126,6 +135,18 @@ impl BnDims {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl BnDims {
+    /// The same sizes for the CUDA kernels.
+    fn cuda_shape(&self) -> super::cuda::batch_norm::BnShape {
+        super::cuda::batch_norm::BnShape {
+            batch: self.batch,
+            channels: self.channels,
+            pixels: self.pixels,
+        }
+    }
+}
+
 /// Per-channel batch statistics computed by the forward pass.
 struct BatchStats {
     mean: Vec<f32>,
@@ -133,14 +154,16 @@ struct BatchStats {
     inv_std: Vec<f32>,
 }
 
-/// The custom op: CPU forward and backward here; `cuda_fwd` is where the CUDA path goes
-/// (issue 7). `stats` is shared with the caller, which reads the batch statistics from it.
+/// The custom op: CPU forward and backward here, CUDA ones in `cuda/batch_norm.rs`. `stats` is shared with the caller, which reads the batch statistics from it.
 struct BatchNormOp {
     dims: BnDims,
     eps: f32,
     relu: bool,
     input_grad: bool,
     stats: Arc<OnceLock<BatchStats>>,
+    /// The statistics of a CUDA forward, on the device.
+    #[cfg(feature = "cuda")]
+    device_stats: Arc<OnceLock<super::cuda::batch_norm::DeviceStats>>,
 }
 
 impl CustomOp3 for BatchNormOp {
@@ -168,6 +191,33 @@ impl CustomOp3 for BatchNormOp {
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        gamma: &candle_core::CudaStorage,
+        g_layout: &Layout,
+        beta: &candle_core::CudaStorage,
+        b_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (out, stats) = super::cuda::batch_norm::forward(
+            self.dims.cuda_shape(),
+            self.eps,
+            self.relu,
+            x,
+            x_layout,
+            gamma,
+            g_layout,
+            beta,
+            b_layout,
+        )?;
+        if self.device_stats.set(stats).is_err() {
+            bail!("batch_norm_train: an op instance ran its forward pass twice");
+        }
+        Ok((out, x_layout.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -176,6 +226,25 @@ impl CustomOp3 for BatchNormOp {
         out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if grad_out.device().is_cuda() {
+            let Some(stats) = self.device_stats.get() else {
+                bail!("snapmix-batch-norm: backward before forward");
+            };
+            let grad_out = grad_out.contiguous()?;
+            let inputs = super::cuda::batch_norm::BackwardInputs {
+                x,
+                gamma,
+                out,
+                grad: &grad_out,
+                stats,
+                relu: self.relu,
+                input_grad: self.input_grad,
+            };
+            let (grad_x, grad_gamma, grad_beta) =
+                super::cuda::batch_norm::backward(self.dims.cuda_shape(), inputs)?;
+            return Ok((grad_x, Some(grad_gamma), Some(grad_beta)));
+        }
         if !matches!(grad_out.device(), Device::Cpu) {
             bail!("snapmix-batch-norm: backward is not implemented for CUDA/Metal yet");
         }

@@ -9,13 +9,14 @@ use std::sync::Arc;
 /// Convolves NCHW `x` with OIHW `weight` (no bias, no dilation, one group, the same stride and
 /// zero padding on both axes), as candle's `x.conv2d(weight, padding, stride, 1, 1)` does.
 ///
-/// On the CPU with f32 tensors this runs the GEMM-based custom op, whose backward pass skips the
-/// input gradient when `x` is not trainable (neither a variable nor computed from one, e.g. the
-/// image batch). Other devices and dtypes use candle's own conv2d until their path exists, as
-/// does every call after [`set_composed_ops(true)`](super::dispatch::set_composed_ops).
+/// On the CPU with f32 tensors this runs the GEMM-based custom op (on CUDA, with the `cuda`
+/// feature, the same op through cuDNN), whose backward pass skips the input gradient when `x` is
+/// not trainable (neither a variable nor computed from one, e.g. the image batch). Other devices
+/// and dtypes use candle's own conv2d until their path exists, as does every call after
+/// [`set_composed_ops(true)`](super::dispatch::set_composed_ops).
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let geometry = ConvGeometry::new(x.dims(), weight.dims(), stride, padding)?;
-    let fast = matches!(x.device(), Device::Cpu)
+    let fast = super::dispatch::has_fused_ops(x.device())
         && x.dtype() == candle_core::DType::F32
         && !super::dispatch::composed_ops();
     if !fast {
@@ -102,7 +103,27 @@ impl ConvGeometry {
     }
 }
 
-/// The custom op: forward on the CPU here; `cuda_fwd` is where the CUDA path goes (issue 7).
+#[cfg(feature = "cuda")]
+impl ConvGeometry {
+    /// The same shapes for the cuDNN path.
+    fn cuda_shape(&self) -> super::cuda::cudnn_conv::ConvShape {
+        super::cuda::cudnn_conv::ConvShape {
+            batch: self.batch,
+            in_channels: self.in_channels,
+            rows: self.rows,
+            cols: self.cols,
+            out_channels: self.out_channels,
+            kernel_rows: self.kernel_rows,
+            kernel_cols: self.kernel_cols,
+            stride: self.stride,
+            padding: self.padding,
+            out_rows: self.out_rows,
+            out_cols: self.out_cols,
+        }
+    }
+}
+
+/// The custom op: forward on the CPU here, on CUDA through cuDNN (`cuda/cudnn_conv.rs`).
 struct Conv2dOp {
     geometry: ConvGeometry,
     /// Whether backward must produce the input gradient (false for the image batch).
@@ -127,6 +148,18 @@ impl CustomOp2 for Conv2dOp {
         Ok((CpuStorage::F32(out), self.geometry.out_shape()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        weight: &candle_core::CudaStorage,
+        w_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let shape = self.geometry.cuda_shape();
+        super::cuda::cudnn_conv::forward(&shape, x, x_layout, weight, w_layout)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -134,6 +167,17 @@ impl CustomOp2 for Conv2dOp {
         _out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if grad_out.device().is_cuda() {
+            let (shape, grad_out) = (self.geometry.cuda_shape(), grad_out.contiguous()?);
+            return super::cuda::cudnn_conv::backward(
+                &shape,
+                x,
+                weight,
+                &grad_out,
+                self.input_grad,
+            );
+        }
         if !matches!(grad_out.device(), Device::Cpu) {
             bail!("snapmix-conv2d: backward is not implemented for CUDA/Metal yet");
         }

@@ -1,9 +1,10 @@
 //! 2-D max pooling with a backward pass for overlapping windows: candle 0.11.1's `max_pool2d`
 //! has none when kernel != stride, which is exactly the ResNet stem pool (3x3, stride 2, pad 1).
 //!
-//! On the CPU it is a candle `CustomOp1` whose backward routes each output gradient to the first
-//! maximum of its window (PyTorch's rule, padding acting as -inf). Other devices use an exact
-//! composition of candle ops (window stack -> argmax -> gather) with the same semantics.
+//! On the CPU (and for f32 on CUDA with the `cuda` feature) it is a candle `CustomOp1` whose
+//! backward routes each output gradient to the first maximum of its window (PyTorch's rule,
+//! padding acting as -inf). Other devices use an exact composition of candle ops (window stack
+//! -> argmax -> gather) with the same semantics.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -67,6 +68,9 @@ impl MaxPool2d {
         self.output_size(rows, cols)?;
         match x.device() {
             Device::Cpu => x.contiguous()?.apply_op1(*self),
+            Device::Cuda(_) if cfg!(feature = "cuda") && x.dtype() == DType::F32 => {
+                x.contiguous()?.apply_op1(*self)
+            }
             _ => self.forward_composed(x),
         }
     }
@@ -230,6 +234,15 @@ impl CustomOp1 for MaxPool2d {
         }
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::max_pool::forward(*self, storage, layout)
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let grad_arg = arg
             .contiguous()?
@@ -313,6 +326,17 @@ impl CustomOp2 for MaxPool2dBackward {
             }
             other => bail!("max_pool2d backward: unsupported dtype {other:?}"),
         }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        input: &candle_core::CudaStorage,
+        input_layout: &Layout,
+        grad_out: &candle_core::CudaStorage,
+        grad_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::max_pool::backward(self.0, input, input_layout, grad_out, grad_layout)
     }
 }
 

@@ -5,4 +5,6 @@ pub mod max_pool;
 pub mod batch_norm;
 pub mod conv2d;
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dispatch;

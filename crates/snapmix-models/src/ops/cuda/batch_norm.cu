@@ -1,0 +1,136 @@
+// Training-mode BatchNorm (+ optional ReLU) on NCHW f32, the CUDA twin of ops/batch_norm.rs:
+// per-channel sums (shifted by the channel's first value, as on the CPU, so the one-pass
+// variance does not cancel), finalised in double; then one elementwise pass. Backward likewise.
+#include <stddef.h>
+
+// Block-wide sum of two values; the result is valid in thread 0. blockDim.x is a multiple of 32.
+__device__ void block_sum2(float& a, float& b) {
+    __shared__ float shared_a[32], shared_b[32];
+    for (int offset = 16; offset > 0; offset /= 2) {
+        a += __shfl_down_sync(0xffffffff, a, offset);
+        b += __shfl_down_sync(0xffffffff, b, offset);
+    }
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane == 0) { shared_a[warp] = a; shared_b[warp] = b; }
+    __syncthreads();
+    int warps = blockDim.x / 32;
+    a = lane < warps ? shared_a[lane] : 0.0f;
+    b = lane < warps ? shared_b[lane] : 0.0f;
+    if (warp == 0) {
+        for (int offset = 16; offset > 0; offset /= 2) {
+            a += __shfl_down_sync(0xffffffff, a, offset);
+            b += __shfl_down_sync(0xffffffff, b, offset);
+        }
+    }
+}
+
+// Block (c, s) adds the sums of (x - shift) and (x - shift)^2 over its chunk of channel c's
+// batch * pixels values into sums[c] and sums[channels + c] (zeroed by the caller).
+extern "C" __global__ void bn_channel_sums(const float* x, size_t batch, size_t channels,
+                                           size_t pixels, size_t chunk, double* sums) {
+    size_t c = blockIdx.x;
+    size_t count = batch * pixels;
+    size_t begin = blockIdx.y * chunk;
+    size_t end = min(begin + chunk, count);
+    float shift = x[c * pixels];
+    float sum = 0.0f, sum_sq = 0.0f;
+    for (size_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+        size_t n = j / pixels, i = j - n * pixels;
+        float v = x[(n * channels + c) * pixels + i] - shift;
+        sum += v;
+        sum_sq += v * v;
+    }
+    block_sum2(sum, sum_sq);
+    if (threadIdx.x == 0) {
+        atomicAdd(&sums[c], (double)sum);
+        atomicAdd(&sums[channels + c], (double)sum_sq);
+    }
+}
+
+// mean, biased variance and 1/sqrt(var + eps) per channel from the shifted sums.
+extern "C" __global__ void bn_finalize_stats(const double* sums, const float* x, size_t channels,
+                                             size_t pixels, size_t count, double eps, float* mean,
+                                             float* var, float* inv_std) {
+    size_t c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    double shift = x[c * pixels];
+    double mean_shifted = sums[c] / (double)count;
+    double v = sums[channels + c] / (double)count - mean_shifted * mean_shifted;
+    v = v > 0.0 ? v : 0.0;
+    float var_f = (float)v;
+    mean[c] = (float)(shift + mean_shifted);
+    var[c] = var_f;
+    inv_std[c] = (float)(1.0 / sqrt((double)var_f + (double)(float)eps));
+}
+
+// out = x * scale + shift with scale = gamma * inv_std, shift = beta - mean * scale; then ReLU.
+extern "C" __global__ void bn_apply(const float* x, const float* mean, const float* inv_std,
+                                    const float* gamma, const float* beta, float* out,
+                                    size_t total, size_t channels, size_t pixels, int relu) {
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        size_t c = (idx / pixels) % channels;
+        float scale = gamma[c] * inv_std[c];
+        float shift = beta[c] - mean[c] * scale;
+        float v = x[idx] * scale + shift;
+        out[idx] = relu && v < 0.0f ? 0.0f : v;
+    }
+}
+
+// The output gradient, zeroed where the fused ReLU was inactive (output <= 0).
+__device__ __forceinline__ float masked_grad(const float* grad, const float* out, size_t idx,
+                                             int relu) {
+    return relu && out[idx] <= 0.0f ? 0.0f : grad[idx];
+}
+
+// Block (c, s) adds sum g and sum g * (x - mean) over its chunk of channel c into sums[c] and
+// sums[channels + c] (zeroed by the caller).
+extern "C" __global__ void bn_grad_sums(const float* x, const float* out, const float* grad,
+                                        const float* mean, size_t batch, size_t channels,
+                                        size_t pixels, size_t chunk, int relu, double* sums) {
+    size_t c = blockIdx.x;
+    size_t count = batch * pixels;
+    size_t begin = blockIdx.y * chunk;
+    size_t end = min(begin + chunk, count);
+    float m = mean[c];
+    float sum_g = 0.0f, sum_gx = 0.0f;
+    for (size_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+        size_t n = j / pixels, i = j - n * pixels;
+        size_t idx = (n * channels + c) * pixels + i;
+        float g = masked_grad(grad, out, idx, relu);
+        sum_g += g;
+        sum_gx += g * (x[idx] - m);
+    }
+    block_sum2(sum_g, sum_gx);
+    if (threadIdx.x == 0) {
+        atomicAdd(&sums[c], (double)sum_g);
+        atomicAdd(&sums[channels + c], (double)sum_gx);
+    }
+}
+
+// d beta = sum g; d gamma = inv_std * sum g * (x - mean).
+extern "C" __global__ void bn_grad_params(const double* sums, const float* inv_std,
+                                          size_t channels, float* grad_gamma, float* grad_beta) {
+    size_t c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    grad_beta[c] = (float)sums[c];
+    grad_gamma[c] = (float)(sums[channels + c] * (double)inv_std[c]);
+}
+
+// dx = gamma * inv_std * (g - mean(g) - x_hat * mean(g * x_hat)), as a * g + b * x + d.
+extern "C" __global__ void bn_grad_input(const float* x, const float* out, const float* grad,
+                                         const float* mean, const float* inv_std,
+                                         const float* gamma, const float* grad_gamma,
+                                         const float* grad_beta, size_t total, size_t channels,
+                                         size_t pixels, size_t count, int relu, float* grad_x) {
+    float n = (float)count;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        size_t c = (idx / pixels) % channels;
+        float s = inv_std[c];
+        float a = gamma[c] * s;
+        float b = -a * s * grad_gamma[c] / n;
+        float d = -a * grad_beta[c] / n - b * mean[c];
+        grad_x[idx] = a * masked_grad(grad, out, idx, relu) + b * x[idx] + d;
+    }
+}

@@ -1,0 +1,252 @@
+//! The CUDA path of the fused training batch norm (+ ReLU): kernels in batch_norm.cu, compiled to
+//! PTX by build.rs; the same statistics, saved tensors and gradients as the CPU path.
+
+use super::{cuda_tensor, launch_1d, view_f32, Borrowed, BLOCK};
+use candle_core::{CudaDevice, CudaStorage, Layout, Result, Tensor};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/batch_norm.ptx"));
+const MODULE: &str = "snapmix_batch_norm";
+
+/// Axis sizes of a `[batch, channels, ...]` input; `pixels` per image and channel.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BnShape {
+    pub batch: usize,
+    pub channels: usize,
+    pub pixels: usize,
+}
+
+impl BnShape {
+    fn count(&self) -> usize {
+        self.batch * self.pixels
+    }
+
+    fn total(&self) -> usize {
+        self.count() * self.channels
+    }
+
+    /// Blocks per channel for the per-channel sums, and the values each covers: enough blocks
+    /// in all to fill the GPU even when there are few channels (the stem has 64).
+    fn split(&self) -> (usize, usize) {
+        let wanted = 1024usize.div_ceil(self.channels);
+        let splits = wanted.clamp(1, self.count().div_ceil(BLOCK as usize * 4).max(1));
+        (splits, self.count().div_ceil(splits))
+    }
+}
+
+/// The batch statistics of one forward, on the device: what the caller folds into its running
+/// averages (`mean`, `var` biased) and what backward reads (`mean`, `inv_std`).
+pub(crate) struct DeviceStats {
+    pub mean: Tensor,
+    pub var: Tensor,
+    pub inv_std: Tensor,
+}
+
+/// Forward: the normalised (and ReLU'd when `relu`) output and the batch statistics.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    shape: BnShape,
+    eps: f32,
+    relu: bool,
+    x: &CudaStorage,
+    x_layout: &Layout,
+    gamma: &CudaStorage,
+    g_layout: &Layout,
+    beta: &CudaStorage,
+    b_layout: &Layout,
+) -> Result<(CudaStorage, DeviceStats)> {
+    let device = x.device.clone();
+    let x = view_f32(x, x_layout, "batch_norm_train input")?;
+    let gamma = view_f32(gamma, g_layout, "batch_norm_train gamma")?;
+    let beta = view_f32(beta, b_layout, "batch_norm_train beta")?;
+    let BnShape {
+        batch,
+        channels,
+        pixels,
+    } = shape;
+    let (count, total) = (shape.count(), shape.total());
+    let (splits, chunk) = shape.split();
+    let mut sums = device.alloc_zeros::<f64>(2 * channels)?;
+    {
+        let func = device.get_or_load_custom_func("bn_channel_sums", MODULE, PTX)?;
+        let mut args = func.builder();
+        args.arg(&x)
+            .arg(&batch)
+            .arg(&channels)
+            .arg(&pixels)
+            .arg(&chunk)
+            .arg(&mut sums);
+        // SAFETY: argument types and order match the kernel; the buffers hold what it reads.
+        unsafe { args.launch(per_channel(channels, splits)) }
+            .map_err(super::driver_err("bn_channel_sums"))?;
+    }
+    // SAFETY: each of these is fully written by bn_finalize_stats.
+    let (mut mean, mut var, mut inv_std) = unsafe {
+        (
+            device.alloc::<f32>(channels)?,
+            device.alloc::<f32>(channels)?,
+            device.alloc::<f32>(channels)?,
+        )
+    };
+    {
+        let func = device.get_or_load_custom_func("bn_finalize_stats", MODULE, PTX)?;
+        let eps = eps as f64;
+        let mut args = func.builder();
+        args.arg(&sums)
+            .arg(&x)
+            .arg(&channels)
+            .arg(&pixels)
+            .arg(&count)
+            .arg(&eps)
+            .arg(&mut mean)
+            .arg(&mut var)
+            .arg(&mut inv_std);
+        // SAFETY: as above.
+        unsafe { args.launch(launch_1d(channels)) }
+            .map_err(super::driver_err("bn_finalize_stats"))?;
+    }
+    // SAFETY: bn_apply writes every element.
+    let mut out = unsafe { device.alloc::<f32>(total) }?;
+    {
+        let func = device.get_or_load_custom_func("bn_apply", MODULE, PTX)?;
+        let relu = relu as i32;
+        let mut args = func.builder();
+        args.arg(&x)
+            .arg(&mean)
+            .arg(&inv_std)
+            .arg(&gamma)
+            .arg(&beta)
+            .arg(&mut out)
+            .arg(&total)
+            .arg(&channels)
+            .arg(&pixels)
+            .arg(&relu);
+        // SAFETY: as above.
+        unsafe { args.launch(launch_1d(total)) }.map_err(super::driver_err("bn_apply"))?;
+    }
+    let stats = DeviceStats {
+        mean: cuda_tensor(mean, &device, channels),
+        var: cuda_tensor(var, &device, channels),
+        inv_std: cuda_tensor(inv_std, &device, channels),
+    };
+    Ok((CudaStorage::wrap_cuda_slice(out, device), stats))
+}
+
+/// What backward reads: the op's input, gamma, output (for the ReLU mask) and the output's
+/// gradient, all contiguous CUDA tensors, and the forward's statistics.
+pub(crate) struct BackwardInputs<'a> {
+    pub x: &'a Tensor,
+    pub gamma: &'a Tensor,
+    pub out: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub stats: &'a DeviceStats,
+    pub relu: bool,
+    pub input_grad: bool,
+}
+
+/// Gradients `(x, gamma, beta)`; the input's only when `input_grad`.
+pub(crate) fn backward(
+    shape: BnShape,
+    inp: BackwardInputs,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    let device: CudaDevice = inp.x.device().as_cuda_device()?.clone();
+    let borrowed = [
+        Borrowed::new(inp.x, "batch_norm_train input"),
+        Borrowed::new(inp.out, "batch_norm_train output"),
+        Borrowed::new(inp.grad, "batch_norm_train output gradient"),
+        Borrowed::new(&inp.stats.mean, "batch_norm_train mean"),
+        Borrowed::new(&inp.stats.inv_std, "batch_norm_train inv_std"),
+        Borrowed::new(inp.gamma, "batch_norm_train gamma"),
+    ];
+    let [x, out, grad, mean, inv_std, gamma] = [
+        borrowed[0].view()?,
+        borrowed[1].view()?,
+        borrowed[2].view()?,
+        borrowed[3].view()?,
+        borrowed[4].view()?,
+        borrowed[5].view()?,
+    ];
+    let BnShape {
+        batch,
+        channels,
+        pixels,
+    } = shape;
+    let (count, total) = (shape.count(), shape.total());
+    let (splits, chunk) = shape.split();
+    let relu = inp.relu as i32;
+    let mut sums = device.alloc_zeros::<f64>(2 * channels)?;
+    {
+        let func = device.get_or_load_custom_func("bn_grad_sums", MODULE, PTX)?;
+        let mut args = func.builder();
+        args.arg(&x)
+            .arg(&out)
+            .arg(&grad)
+            .arg(&mean)
+            .arg(&batch)
+            .arg(&channels)
+            .arg(&pixels)
+            .arg(&chunk)
+            .arg(&relu)
+            .arg(&mut sums);
+        // SAFETY: argument types and order match the kernel; the buffers hold what it reads.
+        unsafe { args.launch(per_channel(channels, splits)) }
+            .map_err(super::driver_err("bn_grad_sums"))?;
+    }
+    // SAFETY: fully written by bn_grad_params.
+    let (mut grad_gamma, mut grad_beta) = unsafe {
+        (
+            device.alloc::<f32>(channels)?,
+            device.alloc::<f32>(channels)?,
+        )
+    };
+    {
+        let func = device.get_or_load_custom_func("bn_grad_params", MODULE, PTX)?;
+        let mut args = func.builder();
+        args.arg(&sums)
+            .arg(&inv_std)
+            .arg(&channels)
+            .arg(&mut grad_gamma)
+            .arg(&mut grad_beta);
+        // SAFETY: as above.
+        unsafe { args.launch(launch_1d(channels)) }.map_err(super::driver_err("bn_grad_params"))?;
+    }
+    let grad_x = if inp.input_grad {
+        // SAFETY: bn_grad_input writes every element.
+        let mut grad_x = unsafe { device.alloc::<f32>(total) }?;
+        let func = device.get_or_load_custom_func("bn_grad_input", MODULE, PTX)?;
+        let mut args = func.builder();
+        args.arg(&x)
+            .arg(&out)
+            .arg(&grad)
+            .arg(&mean)
+            .arg(&inv_std)
+            .arg(&gamma)
+            .arg(&grad_gamma)
+            .arg(&grad_beta)
+            .arg(&total)
+            .arg(&channels)
+            .arg(&pixels)
+            .arg(&count)
+            .arg(&relu)
+            .arg(&mut grad_x);
+        // SAFETY: as above.
+        unsafe { args.launch(launch_1d(total)) }.map_err(super::driver_err("bn_grad_input"))?;
+        Some(cuda_tensor(grad_x, &device, inp.x.shape()))
+    } else {
+        None
+    };
+    Ok((
+        grad_x,
+        cuda_tensor(grad_gamma, &device, channels),
+        cuda_tensor(grad_beta, &device, channels),
+    ))
+}
+
+/// Grid `(channels, splits)` of the per-channel sum kernels.
+fn per_channel(channels: usize, splits: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (channels as u32, splits as u32, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
