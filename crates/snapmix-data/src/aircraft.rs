@@ -1,6 +1,7 @@
 //! FGVC-Aircraft 2013b: `data/images_<level>_<split>.txt` lines `<id> <name>` (names contain
 //! spaces and '/'), the class order of `variants.txt`/`families.txt`/`manufacturers.txt`, and
-//! images `data/images/<id>.jpg`, optionally without their 20-row copyright banner.
+//! images `data/images/<id>.jpg`, optionally without their 20-row copyright banner. Object
+//! boxes come from `data/images_box.txt` when it is there.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -8,7 +9,11 @@ use std::sync::Arc;
 
 use crate::dataset::{ImageEntry, ImageList, LoadOptions, Splits};
 use crate::error::{DataError, Origin};
+use crate::object_box::{ListedBox, ObjectBox};
 use crate::text::TextLines;
+
+/// The optional box file in `data/`: `<image_id> <xmin> <ymin> <xmax> <ymax>` per line.
+const BOX_FILE: &str = "images_box.txt";
 
 /// Rows of the copyright banner at the bottom of every FGVC-Aircraft image.
 pub const BANNER_ROWS: u32 = 20;
@@ -84,7 +89,55 @@ fn resolve_data_dir(root: &Path, first_split: &str) -> Result<PathBuf, DataError
         })
 }
 
-/// Loads FGVC-Aircraft from `fgvc-aircraft-2013b` or its `data/` folder.
+/// Reads `images_box.txt`: `<image_id> <xmin> <ymin> <xmax> <ymax>`, pixel corners of which the
+/// dataset's README says "the top-left pixel of an image has coordinate (1,1)", read as
+/// 1-based and inclusive (MATLAB's convention, as the dataset's evaluation code).
+fn read_boxes(path: &Path) -> Result<HashMap<String, ListedBox>, DataError> {
+    let lines = TextLines::read(path)?;
+    let mut boxes: HashMap<String, ListedBox> = HashMap::new();
+    for (line, text) in &lines.lines {
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        let (id, corners) = fields.split_first().unwrap_or((&"", &[]));
+        let corners: Vec<f64> = corners
+            .iter()
+            .map(|v| v.parse::<f64>())
+            .collect::<Result<_, _>>()
+            .ok()
+            .filter(|c: &Vec<f64>| c.len() == 4)
+            .ok_or_else(|| {
+                DataError::parse(
+                    path,
+                    *line,
+                    "expected `image_id xmin ymin xmax ymax`",
+                    text.as_str(),
+                )
+            })?;
+        let bounds =
+            ObjectBox::from_one_based_corners(corners[0], corners[1], corners[2], corners[3])
+                .map_err(|why| DataError::parse(path, *line, why, text.as_str()))?;
+        let listed = ListedBox {
+            bounds,
+            origin: Origin {
+                file: path.to_path_buf(),
+                line: *line,
+            },
+        };
+        if let Some(first) = boxes.insert(id.to_string(), listed) {
+            return Err(DataError::parse(
+                path,
+                *line,
+                format!("image id already given on line {}", first.origin.line),
+                *id,
+            ));
+        }
+    }
+    Ok(boxes)
+}
+
+/// Loads FGVC-Aircraft from `fgvc-aircraft-2013b` or its `data/` folder. Object boxes are read
+/// from `data/images_box.txt` when present (a malformed line is an error naming it); the file
+/// covers every image of the dataset, so ids of images outside the two loaded splits are
+/// ignored.
 pub fn load(root: &Path, options: AircraftOptions) -> Result<Splits, DataError> {
     let (train_name, test_name) = match options.split {
         AircraftSplit::TrainvalTest => ("trainval", "test"),
@@ -143,6 +196,13 @@ pub fn load(root: &Path, options: AircraftOptions) -> Result<Splits, DataError> 
         .map(|(i, name)| (name.as_str(), i))
         .collect();
 
+    let box_path = data.join(BOX_FILE);
+    let boxes = if box_path.is_file() {
+        read_boxes(&box_path)?
+    } else {
+        HashMap::new()
+    };
+
     let entries = |lines: &TextLines, pairs: &[(usize, String, String)]| {
         pairs
             .iter()
@@ -162,6 +222,7 @@ pub fn load(root: &Path, options: AircraftOptions) -> Result<Splits, DataError> 
                         file: lines.path.clone(),
                         line: *line,
                     }),
+                    object_box: boxes.get(id).cloned(),
                 })
             })
             .collect::<Result<Vec<_>, DataError>>()

@@ -1,5 +1,6 @@
 //! Stanford Cars: the devkit's MATLAB files (`annotations` struct arrays, `class_names` cell
-//! array) and the `cars_train/`, `cars_test/` image folders. Labels are `class - 1`.
+//! array) and the `cars_train/`, `cars_test/` image folders. Labels are `class - 1`; object
+//! boxes come from the annotations' `bbox_x1..bbox_y2` (1-based, inclusive) when present.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,6 +8,10 @@ use std::sync::Arc;
 use crate::dataset::{ImageEntry, ImageList, LoadOptions, Splits};
 use crate::error::{DataError, Origin};
 use crate::mat5::{read_mat5, MatValue};
+use crate::object_box::{ListedBox, ObjectBox};
+
+/// The box fields of an annotation: 1-based inclusive pixel corners, per the devkit.
+const BOX_FIELDS: [&str; 4] = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"];
 
 /// The first of `candidates` that is a file, or a layout error listing them all.
 fn first_file(root: &Path, candidates: &[PathBuf]) -> Result<PathBuf, DataError> {
@@ -80,7 +85,7 @@ fn annotations(
         message,
     };
     let annos = variable(path, "annotations")?;
-    let count = match &annos {
+    let (count, with_boxes) = match &annos {
         MatValue::Struct { items, fields, .. } => {
             for needed in ["class", "fname"] {
                 if !fields.iter().any(|f| f == needed) {
@@ -90,7 +95,16 @@ fn annotations(
                     )));
                 }
             }
-            items.len()
+            let box_fields = BOX_FIELDS
+                .iter()
+                .filter(|f| fields.iter().any(|name| name == *f))
+                .count();
+            if box_fields != 0 && box_fields != BOX_FIELDS.len() {
+                return Err(bad(format!(
+                    "annotations has only some of the box fields {BOX_FIELDS:?} (fields: {fields:?})"
+                )));
+            }
+            (items.len(), box_fields == BOX_FIELDS.len())
         }
         other => {
             return Err(bad(format!(
@@ -115,20 +129,46 @@ fn annotations(
                     i + 1
                 )));
             }
+            let origin = Origin {
+                file: path.to_path_buf(),
+                line: i + 1,
+            };
+            let object_box = if with_boxes {
+                let corner = |field: &str| {
+                    annos
+                        .field(i, field)
+                        .and_then(MatValue::as_scalar)
+                        .ok_or_else(|| {
+                            bad(format!("annotations({}).{field} is not a number", i + 1))
+                        })
+                };
+                let bounds = ObjectBox::from_one_based_corners(
+                    corner("bbox_x1")?,
+                    corner("bbox_y1")?,
+                    corner("bbox_x2")?,
+                    corner("bbox_y2")?,
+                )
+                .map_err(|why| bad(format!("annotations({}) box: {why}", i + 1)))?;
+                Some(ListedBox {
+                    bounds,
+                    origin: origin.clone(),
+                })
+            } else {
+                None
+            };
             Ok(ImageEntry {
                 path: images.join(fname.trim()),
                 label: class as usize - 1,
-                origin: Some(Origin {
-                    file: path.to_path_buf(),
-                    line: i + 1,
-                }),
+                origin: Some(origin),
+                object_box,
             })
         })
         .collect()
 }
 
 /// Loads Stanford Cars from its root (the folder holding `devkit/`, `cars_train/`,
-/// `cars_test/`). The labelled test annotations may sit in `devkit/` or at the root.
+/// `cars_test/`). The labelled test annotations may sit in `devkit/` or at the root. Object
+/// boxes come from the annotations' `bbox_x1..bbox_y2` when the struct has them.
 pub fn load(root: &Path, options: LoadOptions) -> Result<Splits, DataError> {
     let devkit = root.join("devkit");
     let meta = first_file(

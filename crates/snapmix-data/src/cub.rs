@@ -1,5 +1,6 @@
 //! CUB-200-2011: `images.txt`, `image_class_labels.txt`, `train_test_split.txt` and
-//! `classes.txt` joined by id; labels follow the order of `classes.txt`.
+//! `classes.txt` joined by id; labels follow the order of `classes.txt`. Object boxes come from
+//! `bounding_boxes.txt` when it is there.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -7,7 +8,11 @@ use std::sync::Arc;
 
 use crate::dataset::{ImageEntry, ImageList, LoadOptions, Splits};
 use crate::error::{DataError, Origin};
+use crate::object_box::{ListedBox, ObjectBox};
 use crate::text::{parse_uint, TextLines};
+
+/// The optional box file: `<image_id> <x> <y> <width> <height>` per line.
+const BOX_FILE: &str = "bounding_boxes.txt";
 
 /// Finds the folder holding `images.txt`: `root` itself, or `root/CUB_200_2011`.
 fn resolve_root(root: &Path) -> Result<PathBuf, DataError> {
@@ -39,7 +44,74 @@ fn id_map(lines: &TextLines, what: &str) -> Result<HashMap<u64, (usize, String)>
     Ok(map)
 }
 
-/// Loads CUB-200-2011 from its root folder (the one containing `images.txt`).
+/// Reads `bounding_boxes.txt` (`<image_id> <x> <y> <width> <height>`, real numbers, the
+/// top-left corner taken as 0-based pixel coordinates) into boxes by image id. Every id must be
+/// in images.txt (`image_ids`); images without a line get no box.
+fn read_boxes(
+    path: &Path,
+    image_ids: &HashMap<u64, (usize, String)>,
+    images_path: &Path,
+) -> Result<HashMap<u64, ListedBox>, DataError> {
+    let lines = TextLines::read(path)?;
+    let mut boxes = HashMap::new();
+    for (line, text) in &lines.lines {
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        let [id, x, y, width, height] = fields[..] else {
+            return Err(DataError::parse(
+                path,
+                *line,
+                "expected `image_id x y width height`",
+                text.as_str(),
+            ));
+        };
+        let id_value = parse_uint(path, *line, "image id", id)?;
+        if !image_ids.contains_key(&id_value) {
+            return Err(DataError::parse(
+                path,
+                *line,
+                format!("image id not in {}", images_path.display()),
+                id,
+            ));
+        }
+        let number = |value: &str| {
+            value.parse::<f64>().map_err(|_| {
+                DataError::parse(
+                    path,
+                    *line,
+                    "expected a number in `x y width height`",
+                    value,
+                )
+            })
+        };
+        let bounds = ObjectBox::from_corner_and_size(
+            number(x)?,
+            number(y)?,
+            number(width)?,
+            number(height)?,
+        )
+        .map_err(|why| DataError::parse(path, *line, why, text.as_str()))?;
+        let listed = ListedBox {
+            bounds,
+            origin: Origin {
+                file: path.to_path_buf(),
+                line: *line,
+            },
+        };
+        if let Some(first) = boxes.insert(id_value, listed) {
+            return Err(DataError::parse(
+                path,
+                *line,
+                format!("image id already given on line {}", first.origin.line),
+                id,
+            ));
+        }
+    }
+    Ok(boxes)
+}
+
+/// Loads CUB-200-2011 from its root folder (the one containing `images.txt`). Object boxes are
+/// read from `bounding_boxes.txt` when present (a malformed line, or an id not in images.txt,
+/// is an error naming the line).
 pub fn load(root: &Path, options: LoadOptions) -> Result<Splits, DataError> {
     let root = resolve_root(root)?;
     let classes = TextLines::read(&root.join("classes.txt"))?;
@@ -78,6 +150,13 @@ pub fn load(root: &Path, options: LoadOptions) -> Result<Splits, DataError> {
         }
     }
 
+    let box_path = root.join(BOX_FILE);
+    let mut boxes = if box_path.is_file() {
+        read_boxes(&box_path, &image_ids, &images.path)?
+    } else {
+        HashMap::new()
+    };
+
     let mut train = Vec::new();
     let mut test = Vec::new();
     for (line, key, rel_path) in images.key_rest("image_id path")? {
@@ -106,6 +185,7 @@ pub fn load(root: &Path, options: LoadOptions) -> Result<Splits, DataError> {
                 file: images.path.clone(),
                 line,
             }),
+            object_box: boxes.remove(&id),
         };
         match is_train.as_str() {
             "1" => train.push(entry),

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use image::{GrayImage, RgbImage};
 use rayon::prelude::*;
 
-use crate::decode::decode_rgb;
+use crate::decode::{decode_rgb, image_dimensions};
 use crate::error::{DataError, Origin};
+use crate::object_box::{ListedBox, ObjectBox};
 
 /// A labelled image collection the loader can draw from by index. Implemented by the file-backed
 /// [`ImageList`] and the in-memory [`crate::synthetic::SyntheticSet`].
@@ -33,6 +34,11 @@ pub trait ImageDataset: Send + Sync {
     fn has_part_masks(&self) -> bool {
         false
     }
+    /// The annotated object box of image `index` (see [`ObjectBox`] for the convention), where
+    /// the dataset ships one. Loaded when present, not used by the loader.
+    fn object_box(&self, _index: usize) -> Option<ObjectBox> {
+        None
+    }
 }
 
 /// How thoroughly image files are checked when a split is built.
@@ -56,6 +62,8 @@ pub struct ImageEntry {
     pub label: usize,
     /// The split-file line that listed it (None for image folders).
     pub origin: Option<Origin>,
+    /// The object's bounding box, where the dataset has a box file (None otherwise).
+    pub object_box: Option<ListedBox>,
 }
 
 /// An image that was skipped because it could not be read.
@@ -101,6 +109,10 @@ impl ImageList {
     /// dataset root (paths in [`Skipped`] and reports are shown relative to it);
     /// `crop_bottom_rows` rows are cut from the bottom of every decoded image (FGVC-Aircraft's
     /// copyright banner).
+    ///
+    /// An entry with an object box also has its image header read (when not fully decoded),
+    /// and the box is clipped to the image as decoded; a box wholly outside its image is
+    /// dropped (the image is kept, without a box) and reported once on stderr.
     pub fn new(
         root: &Path,
         entries: Vec<ImageEntry>,
@@ -120,21 +132,39 @@ impl ImageList {
             ));
         }
         let listed = entries.len();
-        let failures: Vec<Option<String>> = entries
+        let checks: Vec<Result<Option<(u32, u32)>, String>> = entries
             .par_iter()
-            .map(|entry| check_image(&entry.path, options.verify, crop_bottom_rows).err())
+            .map(|entry| {
+                check_image(
+                    &entry.path,
+                    options.verify,
+                    entry.object_box.is_some(),
+                    crop_bottom_rows,
+                )
+            })
             .collect();
         let mut kept = Vec::with_capacity(entries.len());
         let mut skipped = Vec::new();
-        for (entry, failure) in entries.into_iter().zip(failures) {
-            match failure {
-                None => kept.push(entry),
-                Some(reason) if options.skip_unreadable => skipped.push(Skipped {
+        let mut dropped_boxes: Vec<(ListedBox, PathBuf, (u32, u32))> = Vec::new();
+        for (mut entry, check) in entries.into_iter().zip(checks) {
+            match check {
+                Ok(size) => {
+                    if let (Some(listed), Some((rows, cols))) = (entry.object_box.take(), size) {
+                        match listed.bounds.clip(rows, cols) {
+                            Some(bounds) => {
+                                entry.object_box = Some(ListedBox { bounds, ..listed });
+                            }
+                            None => dropped_boxes.push((listed, entry.path.clone(), (rows, cols))),
+                        }
+                    }
+                    kept.push(entry);
+                }
+                Err(reason) if options.skip_unreadable => skipped.push(Skipped {
                     path: entry.path,
                     origin: entry.origin,
                     reason,
                 }),
-                Some(reason) => {
+                Err(reason) => {
                     return Err(DataError::Image {
                         path: entry.path,
                         origin: entry.origin,
@@ -142,6 +172,17 @@ impl ImageList {
                     })
                 }
             }
+        }
+        if let Some((listed, path, (rows, cols))) = dropped_boxes.first() {
+            eprintln!(
+                "snapmix-data: dropped {} object box(es) lying wholly outside their image under {} \
+                 (first: {} {:?} outside the {rows}x{cols} image {})",
+                dropped_boxes.len(),
+                root.display(),
+                listed.origin,
+                listed.bounds,
+                path.display()
+            );
         }
         if let Some(first) = skipped.first() {
             eprintln!(
@@ -188,6 +229,14 @@ impl ImageList {
         &self.skipped
     }
 
+    /// Number of served images that have an object box.
+    pub fn boxed(&self) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| e.object_box.is_some())
+            .count()
+    }
+
     /// Number of images per class, index = label.
     pub fn class_counts(&self) -> Vec<usize> {
         let mut counts = vec![0; self.class_names.len()];
@@ -198,17 +247,50 @@ impl ImageList {
     }
 }
 
-/// Reads (and with `verify`, decodes) one image file; the error is the reason.
-fn check_image(path: &Path, verify: bool, crop_bottom_rows: u32) -> Result<(), String> {
+/// Reads (and with `verify`, decodes) one image file; the error is the reason. With `verify`
+/// or `need_size`, returns the (rows, cols) the image has once decoded and cropped.
+fn check_image(
+    path: &Path,
+    verify: bool,
+    need_size: bool,
+    crop_bottom_rows: u32,
+) -> Result<Option<(u32, u32)>, String> {
     if verify {
-        return load_image(path, crop_bottom_rows).map(|_| ());
+        let image = load_image(path, crop_bottom_rows)?;
+        return Ok(Some((image.height(), image.width())));
     }
     match std::fs::metadata(path) {
         Ok(meta) if !meta.is_file() => Err("not a regular file".to_string()),
         Ok(meta) if meta.len() == 0 => Err("empty file".to_string()),
-        Ok(_) => Ok(()),
+        Ok(_) if need_size => header_size(path, crop_bottom_rows).map(Some),
+        Ok(_) => Ok(None),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// (rows, cols) of an image from its header, less the cropped rows. Reads a prefix first (the
+/// header is usually within it) and the whole file only when that is not enough.
+fn header_size(path: &Path, crop_bottom_rows: u32) -> Result<(u32, u32), String> {
+    use std::io::Read;
+    const PREFIX: u64 = 256 * 1024;
+    let mut prefix = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(PREFIX).read_to_end(&mut prefix))
+        .map_err(|e| e.to_string())?;
+    let (rows, cols) = match image_dimensions(&prefix) {
+        Ok(size) => size,
+        Err(_) if prefix.len() as u64 == PREFIX => {
+            image_dimensions(&std::fs::read(path).map_err(|e| e.to_string())?)?
+        }
+        Err(e) => return Err(e),
+    };
+    let (rows, cols) = (rows as u32, cols as u32);
+    if rows <= crop_bottom_rows {
+        return Err(format!(
+            "{rows} rows, too few to crop a {crop_bottom_rows}-row banner"
+        ));
+    }
+    Ok((rows - crop_bottom_rows, cols))
 }
 
 /// Reads and decodes one image file, cutting `crop_bottom_rows` rows off the bottom.
@@ -238,6 +320,10 @@ impl ImageDataset for ImageList {
 
     fn label(&self, index: usize) -> usize {
         self.entries[index].label
+    }
+
+    fn object_box(&self, index: usize) -> Option<ObjectBox> {
+        self.entries[index].object_box.as_ref().map(|b| b.bounds)
     }
 
     fn load(&self, index: usize) -> Result<RgbImage, DataError> {

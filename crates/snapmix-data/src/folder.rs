@@ -55,6 +55,7 @@ fn entries(dir: &Path, class_names: &[String]) -> Result<Vec<ImageEntry>, DataEr
                 path,
                 label,
                 origin: None,
+                object_box: None,
             });
         }
     }

@@ -40,10 +40,12 @@ pub mod decode;
 mod error;
 pub mod folder;
 pub mod mat5;
+mod object_box;
 mod text;
 
 pub use dataset::{ImageDataset, ImageEntry, ImageList, LoadOptions, Skipped, Splits};
 pub use error::{DataError, Origin};
+pub use object_box::{ListedBox, ObjectBox};
 pub mod loader;
 pub mod synthetic;
 pub mod transform;

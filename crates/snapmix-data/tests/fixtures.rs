@@ -1,5 +1,6 @@
 //! Loads every dataset tree of the fixtures (data/fixtures/datasets, or the tree named by
-//! SNAPMIX_DATASET_FIXTURES) and checks the counts and unreadable files of its expected.json.
+//! SNAPMIX_DATASET_FIXTURES) and checks the counts and unreadable files of its expected.json,
+//! and that any object boxes lie inside their images (trees without box files are fine).
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,9 @@ struct Expected {
     test: usize,
     #[serde(default)]
     corrupt: Vec<String>,
+    /// Served images (both splits) with an object box, where the tree's expected.json says.
+    #[serde(default)]
+    boxes: Option<usize>,
 }
 
 fn fixtures_dir() -> PathBuf {
@@ -100,13 +104,33 @@ fn every_fixture_dataset_loads_with_the_expected_counts() {
             case.train + case.test - corrupt.len(),
             "{what}: served images"
         );
-        // Every served image decodes, labels are in range, and every class has an image.
+        // Every served image decodes, labels are in range, every class has an image, and a
+        // box (where there is one) holds pixels of its image.
         for split in [&splits.train, &splits.test] {
             for index in 0..split.len() {
                 let image = split.load(index).unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert!(image.width() > 0 && image.height() > 0);
                 assert!(split.label(index) < case.classes);
+                if let Some(b) = split.object_box(index) {
+                    assert!(
+                        b.row_start < b.row_end
+                            && b.col_start < b.col_end
+                            && b.row_end <= image.height()
+                            && b.col_end <= image.width(),
+                        "{what}: box {b:?} of {}x{} image {}",
+                        image.height(),
+                        image.width(),
+                        split.entries()[index].path.display()
+                    );
+                }
             }
+        }
+        if let Some(boxes) = case.boxes {
+            assert_eq!(
+                splits.train.boxed() + splits.test.boxed(),
+                boxes,
+                "{what}: images with a box"
+            );
         }
         let counts = splits.train.class_counts();
         assert_eq!(counts.len(), case.classes);
