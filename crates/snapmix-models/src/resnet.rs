@@ -16,6 +16,7 @@ use crate::layers::{
     global_avg_pool, global_max_pool, torch_default_bound, BatchNorm2d, Conv2d, Linear,
     PointwiseConv, Registry, RunningStats,
 };
+use crate::ops::add_relu::add_relu;
 use crate::ops::max_pool::MaxPool2d;
 
 /// Names of the layers a pretrained body does not provide (the classifier and the mid-level
@@ -200,7 +201,7 @@ impl Block {
             Some(down) => down.bn.forward_t(&down.conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        (out + identity)?.relu()
+        add_relu(&out, &identity)
     }
 }
 

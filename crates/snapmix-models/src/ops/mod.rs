@@ -1,5 +1,6 @@
 //! Tensor ops that candle 0.11.1 lacks or runs without a backward pass.
 
+pub mod add_relu;
 pub mod max_pool;
 // GEMM-based conv2d and fused batch norm for training (issue 9), with their CPU plumbing.
 pub mod batch_norm;
