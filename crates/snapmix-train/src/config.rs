@@ -203,6 +203,15 @@ impl MixMethod {
         matches!(self, Self::Snapmix)
     }
 
+    /// Whether Beta(beta, beta) shapes the method's boxes or blend (Cutout's box and no
+    /// mixing do not use it).
+    pub fn uses_beta(self) -> bool {
+        matches!(
+            self,
+            Self::Snapmix | Self::Cutmix | Self::AsCutmix | Self::Mixup
+        )
+    }
+
     /// Parses the snake-case name (`none`, `snapmix`, `cutmix`, `as_cutmix`, `mixup`, `cutout`).
     pub fn parse(name: &str) -> Result<Self, TrainError> {
         Self::ALL
@@ -273,19 +282,104 @@ pub struct MixSettings {
     /// A fixed CAM model from this weights file instead of the live model (official
     /// `--weightfile`).
     pub cam_weights: Option<PathBuf>,
+    /// Several methods, each drawn with its probability whenever a batch (or, in elem mode, a
+    /// sample) is mixed; the probabilities sum to 1 and `method` is then not used. Empty (the
+    /// default): always `method`. TOML: `switch = [{ method = "snapmix", prob = 0.5 }, ...]`,
+    /// flag: `--mix-switch snapmix:0.5,cutmix:0.5`.
+    #[serde(default)]
+    pub switch: Vec<SwitchEntry>,
+}
+
+/// One method of `mix.switch` and the probability a mixed batch uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchEntry {
+    /// The method.
+    pub method: MixMethod,
+    /// Its probability, in [0, 1].
+    pub prob: f64,
+}
+
+/// How far the switch probabilities may sum from 1.
+pub const SWITCH_TOTAL_TOLERANCE: f64 = 1e-6;
+
+/// Parses a switch spec `METHOD:PROB,METHOD:PROB,...` (e.g. `snapmix:0.5,cutmix:0.5`); the
+/// entries are checked as a whole by [`TrainConfig::validate`].
+pub fn parse_switch(spec: &str) -> Result<Vec<SwitchEntry>, TrainError> {
+    let bad = |part: &str, why: &str| {
+        TrainError::InvalidSetting(format!(
+            "mix switch `{spec}`: `{part}` {why} (expected METHOD:PROB,..., e.g. \
+             snapmix:0.5,cutmix:0.5)"
+        ))
+    };
+    spec.split(',')
+        .map(str::trim)
+        .map(|part| {
+            let (method, prob) = part
+                .split_once(':')
+                .ok_or_else(|| bad(part, "has no `:`"))?;
+            let method = MixMethod::parse(method.trim())
+                .map_err(|err| bad(part, &format!("names no method: {err}")))?;
+            let prob = prob
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| bad(part, "has no number after `:`"))?;
+            Ok(SwitchEntry { method, prob })
+        })
+        .collect()
 }
 
 impl MixSettings {
-    /// Beta with the method's official value filled in.
-    pub fn beta_or_default(&self) -> f64 {
-        self.beta
-            .unwrap_or_else(|| self.method.official_beta_prob().0)
+    /// The methods a batch may use: the switch's, else `method`.
+    pub fn methods(&self) -> Vec<MixMethod> {
+        if self.switch.is_empty() {
+            vec![self.method]
+        } else {
+            self.switch.iter().map(|entry| entry.method).collect()
+        }
     }
 
-    /// Probability with the method's official value filled in.
+    /// Beta with the official value filled in: the method's, or the one the switch's
+    /// Beta-using methods share ([`TrainConfig::validate`] asks for an explicit beta when they
+    /// differ).
+    pub fn beta_or_default(&self) -> f64 {
+        self.beta.unwrap_or_else(|| {
+            self.official(|m| m.uses_beta(), |(beta, _)| beta)
+                .unwrap_or_else(|_| self.method.official_beta_prob().0)
+        })
+    }
+
+    /// Probability with the official value filled in: the method's, or the one the switch's
+    /// methods share (see [`MixSettings::beta_or_default`]).
     pub fn prob_or_default(&self) -> f64 {
-        self.prob
-            .unwrap_or_else(|| self.method.official_beta_prob().1)
+        self.prob.unwrap_or_else(|| {
+            self.official(|m| m != MixMethod::None, |(_, prob)| prob)
+                .unwrap_or_else(|_| self.method.official_beta_prob().1)
+        })
+    }
+
+    /// The official value (`pick` of `(beta, prob)`) of the methods `relevant` keeps: one value,
+    /// or a message listing the values that disagree.
+    fn official(
+        &self,
+        relevant: impl Fn(MixMethod) -> bool,
+        pick: impl Fn((f64, f64)) -> f64,
+    ) -> Result<f64, String> {
+        let methods = self.methods();
+        let values: Vec<(MixMethod, f64)> = methods
+            .iter()
+            .filter(|m| relevant(**m))
+            .map(|m| (*m, pick(m.official_beta_prob())))
+            .collect();
+        match values.first() {
+            None => Ok(pick(methods[0].official_beta_prob())),
+            Some(&(_, first)) if values.iter().all(|(_, v)| *v == first) => Ok(first),
+            Some(_) => Err(values
+                .iter()
+                .map(|(m, v)| format!("{m} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")),
+        }
     }
 }
 
@@ -429,6 +523,7 @@ fn official_preset(
             label_smoothing: 0.0,
             cam_mode: CamMode::Train,
             cam_weights: None,
+            switch: Vec::new(),
         },
         optim: OptimSettings {
             lr_body,
@@ -544,6 +639,14 @@ impl Overrides {
         Ok(self.set(key, value))
     }
 
+    /// Sets `mix.switch` from a `METHOD:PROB,...` spec (the `--mix-switch` flag).
+    pub fn set_switch(&mut self, spec: &str) -> Result<&mut Self, TrainError> {
+        let entries = parse_switch(spec)?;
+        let value = toml::Value::try_from(&entries)
+            .map_err(|err| TrainError::InvalidSetting(format!("mix switch `{spec}`: {err}")))?;
+        Ok(self.set("mix.switch", value))
+    }
+
     /// Whether no override was given.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -603,7 +706,8 @@ pub fn resolve(
                 TrainError::InvalidSetting(format!("in {source}: {}", err.message()))
             })?;
     if config.name.is_empty() {
-        config.name = format!("{}-{}", config.preset, config.mix.method);
+        let methods: Vec<String> = config.mix.methods().iter().map(|m| m.to_string()).collect();
+        config.name = format!("{}-{}", config.preset, methods.join("+"));
     }
     if config.model.pretrained.as_deref() == Some("none") {
         config.model.pretrained = None;
@@ -672,6 +776,7 @@ impl TrainConfig {
         if self.model.base_width == 0 {
             return bad("model.base_width must be > 0".into());
         }
+        self.validate_switch()?;
         let beta = self.mix.beta_or_default();
         if !(beta.is_finite() && beta > 0.0) {
             return bad(format!("mix.beta must be > 0, got {beta}"));
@@ -713,6 +818,51 @@ impl TrainConfig {
         }
         if self.run.eval_every_epochs == 0 || self.run.log_every_steps == 0 {
             return bad("run.eval_every_epochs and run.log_every_steps must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// Checks `mix.switch`: known methods (the parser's job), each once, probabilities in
+    /// [0, 1] summing to 1, and an explicit beta/prob where the methods' official values differ.
+    fn validate_switch(&self) -> Result<(), TrainError> {
+        let mix = &self.mix;
+        if mix.switch.is_empty() {
+            return Ok(());
+        }
+        let bad = |msg: String| Err(TrainError::InvalidSetting(format!("mix.switch: {msg}")));
+        let mut total = 0.0;
+        for (i, entry) in mix.switch.iter().enumerate() {
+            if !(0.0..=1.0).contains(&entry.prob) {
+                return bad(format!(
+                    "{} has probability {}, outside [0, 1]",
+                    entry.method, entry.prob
+                ));
+            }
+            if mix.switch[..i].iter().any(|e| e.method == entry.method) {
+                return bad(format!("{} is listed twice", entry.method));
+            }
+            total += entry.prob;
+        }
+        if (total - 1.0).abs() > SWITCH_TOTAL_TOLERANCE {
+            return bad(format!(
+                "the probabilities sum to {total}, not 1 (within {SWITCH_TOTAL_TOLERANCE})"
+            ));
+        }
+        if mix.beta.is_none() {
+            if let Err(values) = mix.official(|m| m.uses_beta(), |(beta, _)| beta) {
+                return bad(format!(
+                    "its methods have different official betas ({values}): set mix.beta \
+                     (--beta)"
+                ));
+            }
+        }
+        if mix.prob.is_none() {
+            if let Err(values) = mix.official(|m| m != MixMethod::None, |(_, prob)| prob) {
+                return bad(format!(
+                    "its methods have different official probabilities ({values}): set \
+                     mix.prob (--prob)"
+                ));
+            }
         }
         Ok(())
     }
@@ -857,6 +1007,92 @@ mod tests {
 
         assert!(Overrides::new().set_assignment("epochs").is_err());
         assert!(Overrides::new().set_assignment("a..b=1").is_err());
+    }
+
+    #[test]
+    fn mix_switch_comes_from_file_or_flag_and_is_written_out() {
+        let (_dir, path) = write_file(
+            "[mix]\nbeta = 2.0\nprob = 0.9\n\
+             switch = [{ method = \"snapmix\", prob = 0.25 }, { method = \"mixup\", prob = 0.75 }]\n",
+        );
+        let config = resolve(None, Some(&path), &Overrides::new()).unwrap();
+        assert_eq!(
+            config.mix.switch,
+            vec![
+                SwitchEntry {
+                    method: MixMethod::Snapmix,
+                    prob: 0.25
+                },
+                SwitchEntry {
+                    method: MixMethod::Mixup,
+                    prob: 0.75
+                },
+            ]
+        );
+        assert_eq!(config.name, "synthetic-snapmix+mixup");
+        assert_eq!(config.mix.beta_or_default(), 2.0);
+        assert_eq!(config.mix.prob_or_default(), 0.9);
+
+        // The flag beats the file, and the effective config round-trips with the switch.
+        let mut flags = Overrides::new();
+        flags
+            .set_switch("cutmix:0.5, as_cutmix:0.5")
+            .unwrap()
+            .set("mix.prob", 0.8);
+        let config = resolve(None, Some(&path), &flags).unwrap();
+        assert_eq!(
+            config.mix.methods(),
+            vec![MixMethod::Cutmix, MixMethod::AsCutmix]
+        );
+        assert_eq!(config.mix.prob_or_default(), 0.8);
+        let text = config.to_toml().unwrap();
+        assert!(text.contains("as_cutmix"), "{text}");
+        let (_dir3, written) = write_file(&text);
+        assert_eq!(TrainConfig::from_toml_file(&written).unwrap(), config);
+
+        // Methods agreeing on their official values need no explicit beta/prob.
+        let mut flags = Overrides::new();
+        flags.set_switch("cutmix:0.5,as_cutmix:0.5").unwrap();
+        let config = resolve(None, None, &flags).unwrap();
+        assert_eq!(config.mix.beta_or_default(), 3.0);
+        assert_eq!(config.mix.prob_or_default(), 1.0);
+    }
+
+    #[test]
+    fn bad_mix_switches_say_what_is_wrong() {
+        let switch_error = |spec: &str, extra: &[(&str, f64)]| {
+            let mut flags = Overrides::new();
+            for (key, value) in extra {
+                flags.set(key, *value);
+            }
+            match flags.set_switch(spec) {
+                Err(err) => err.to_string(),
+                Ok(flags) => resolve(None, None, flags).unwrap_err().to_string(),
+            }
+        };
+        let beta = [("mix.beta", 1.0)];
+        for (spec, extra, expected) in [
+            ("snapmix:0.5,magic:0.5", &beta[..], "magic"),
+            ("snapmix=0.5", &beta[..], "no `:`"),
+            ("snapmix:half,cutmix:0.5", &beta[..], "half"),
+            ("snapmix:0.5,cutmix:0.4", &beta[..], "sum to 0.9"),
+            ("snapmix:1.5,cutmix:-0.5", &beta[..], "1.5"),
+            ("cutmix:0.5,cutmix:0.5", &beta[..], "cutmix is listed twice"),
+            ("snapmix:0.5,cutmix:0.5", &[][..], "set mix.beta"),
+            ("cutmix:0.5,mixup:0.5", &beta[..], "set mix.prob"),
+        ] {
+            let err = switch_error(spec, extra);
+            assert!(err.contains(expected), "{spec}: {err}");
+        }
+        // Within the tolerance of 1 is fine, and the beta flag settles the disagreement.
+        let mut flags = Overrides::new();
+        flags
+            .set_switch("snapmix:0.3333333,cutmix:0.6666667")
+            .unwrap()
+            .set("mix.beta", 4.0);
+        let config = resolve(None, None, &flags).unwrap();
+        assert_eq!(config.mix.beta_or_default(), 4.0);
+        assert_eq!(config.mix.prob_or_default(), 1.0);
     }
 
     #[test]

@@ -194,15 +194,33 @@ fn models_arch(arch: Arch) -> snapmix_models::Arch {
     }
 }
 
-/// The mixing configuration of the run, in snapmix-mix's terms.
-pub fn mix_config(config: &TrainConfig) -> MixConfig {
-    let method = match config.mix.method {
+/// The method in snapmix-mix's terms.
+fn mix_method(method: MixMethod) -> Method {
+    match method {
         MixMethod::None => Method::None,
         MixMethod::Snapmix => Method::SnapMix,
         MixMethod::Cutmix => Method::CutMix,
         MixMethod::AsCutmix => Method::AsCutMix,
         MixMethod::Mixup => Method::Mixup,
         MixMethod::Cutout => Method::Cutout,
+    }
+}
+
+/// The mixing configuration of the run, in snapmix-mix's terms. A `mix.switch` (probabilities
+/// summing to 1) becomes snapmix-mix's switch of all entries but the last, which takes the
+/// place of `method` and so gets exactly what the others leave; probabilities are divided by
+/// their sum first, so the up to 1e-6 a config may be off does not trip snapmix-mix's check.
+pub fn mix_config(config: &TrainConfig) -> MixConfig {
+    let (method, switch) = match config.mix.switch.split_last() {
+        None => (mix_method(config.mix.method), Vec::new()),
+        Some((last, others)) => {
+            let total: f64 = config.mix.switch.iter().map(|entry| entry.prob).sum();
+            let switch = others
+                .iter()
+                .map(|entry| (mix_method(entry.method), entry.prob / total))
+                .collect();
+            (mix_method(last.method), switch)
+        }
     };
     MixConfig {
         method,
@@ -213,7 +231,7 @@ pub fn mix_config(config: &TrainConfig) -> MixConfig {
             MixMode::Batch => snapmix_mix::MixMode::Batch,
             MixMode::Elem => snapmix_mix::MixMode::Elem,
         },
-        switch: Vec::new(),
+        switch,
     }
 }
 
@@ -434,7 +452,8 @@ impl Trainer {
             let (mut window_loss, mut window_steps, mut window_images) = (0.0f64, 0usize, 0usize);
             let mut window_start = Instant::now();
             let epoch_start = Instant::now();
-            let batches = self.data.train.epoch(epoch as u64).skip(first_step);
+            // A resumed epoch starts at its first untrained batch; the ones before are not decoded.
+            let batches = self.data.train.epoch_from(epoch as u64, first_step);
             for (step, batch) in (first_step..).zip(batches) {
                 let batch = batch?;
                 let step_start = Instant::now();
@@ -681,5 +700,55 @@ fn describe_mixing(params: &MixParams) -> String {
             per_sample.join("; "),
             params.perm
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{resolve, Overrides};
+
+    #[test]
+    fn mix_switch_maps_to_snapmix_mix_with_the_last_entry_as_the_rest() {
+        let mut flags = Overrides::new();
+        flags
+            .set_switch("snapmix:0.2,mixup:0.3,cutmix:0.5000001")
+            .unwrap()
+            .set("mix.beta", 2.0)
+            .set("mix.prob", 1.0);
+        let config = resolve(None, None, &flags).unwrap();
+        let mix = mix_config(&config);
+        mix.validate().unwrap();
+        assert_eq!(mix.method, Method::CutMix);
+        let expected = [
+            (Method::SnapMix, 0.2 / 1.0000001),
+            (Method::Mixup, 0.3 / 1.0000001),
+        ];
+        assert_eq!(mix.switch.len(), expected.len());
+        for ((method, prob), (want_method, want_prob)) in mix.switch.iter().zip(expected) {
+            assert_eq!(*method, want_method);
+            assert!((prob - want_prob).abs() < 1e-12, "{method}: {prob}");
+        }
+        assert_eq!((mix.beta, mix.prob), (2.0, 1.0));
+        // Every method of the switch is drawn, each about as often as asked.
+        let mut counts = HashMap::new();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..2000 {
+            let params = mix.sample(&mut rng, 1, 8, 8).unwrap();
+            *counts.entry(params.samples[0].method).or_insert(0usize) += 1;
+        }
+        for (method, share) in [
+            (Method::SnapMix, 0.2),
+            (Method::Mixup, 0.3),
+            (Method::CutMix, 0.5),
+        ] {
+            let got = counts.get(&method).copied().unwrap_or(0) as f64 / 2000.0;
+            assert!((got - share).abs() < 0.05, "{method}: {got} vs {share}");
+        }
+
+        // Without a switch: the method alone.
+        let config = resolve(None, None, &Overrides::new()).unwrap();
+        let mix = mix_config(&config);
+        assert_eq!((mix.method, mix.switch.len()), (Method::SnapMix, 0));
     }
 }
