@@ -7,7 +7,9 @@
 #
 # Usage (from anywhere in the repository):  bash scripts/device/build.sh
 # Environment: CARGO_TARGET_DIR [/var/tmp/snapmix-target], CUDA_COMPUTE_CAP [90],
-#              SHARED_GPU [../shared/gpu] (setup-cuda-toolchain.sh, device-env.sh, torch_baseline.py)
+#   SHARED_GPU [../shared/gpu] (setup-cuda-toolchain.sh, device-env.sh, torch_baseline.py),
+#   KIT_TESTS  the test binaries to pack: <crate>.<test> for an integration test, <crate> for a
+#              library's unit tests [snapmix_cam.cuda snapmix_mix.cuda snapmix_mix.golden snapmix_models]
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -15,6 +17,7 @@ cd "$ROOT"
 SHARED_GPU="${SHARED_GPU:-$ROOT/../shared/gpu}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/snapmix-target}"
 KIT="$ROOT/target/device-kit"
+KIT_TESTS="${KIT_TESTS:-snapmix_cam.cuda snapmix_mix.cuda snapmix_mix.golden snapmix_models}"
 LIMIT_BYTES=$((64 * 1024 * 1024))
 say() { echo "[build.sh $(date -u +%H:%M:%S)] $*" >&2; }
 
@@ -30,12 +33,12 @@ mkdir -p "$stage/bin"
 # 1. Test binaries (dev profile: optimised dependencies, our crates at opt-level 3).
 say "building the CUDA test binaries"
 nice -n 10 cargo test --no-run --features cuda -p snapmix-cam -p snapmix-mix -p snapmix-models \
-  --message-format=json > "$stage/tests.json"
+  --lib --test cuda --test golden --message-format=json > "$stage/tests.json"
 # Library tests keep cargo's name (<lib>-<hash>, which parts/train.sh looks for); integration
 # tests are named <crate>.<test> (two crates have a `cuda` test).
-python3 - "$stage/tests.json" "$stage/bin" <<'EOF'
+python3 - "$stage/tests.json" "$stage/bin" $KIT_TESTS <<'EOF'
 import json, shutil, sys
-listing, dest = sys.argv[1], sys.argv[2]
+listing, dest, wanted = sys.argv[1], sys.argv[2], set(sys.argv[3:])
 for line in open(listing):
     msg = json.loads(line)
     if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):
@@ -46,12 +49,15 @@ for line in open(listing):
     path, _, fragment = msg["package_id"].partition("#")
     package = fragment.split("@")[0] if "@" in fragment else path.rsplit("/", 1)[-1]
     crate = package.replace("-", "_")
-    if "test" in target["kind"]:
-        name = f"{crate}.{target['name']}"
-    else:
-        name = exe.rsplit("/", 1)[-1]
+    key = f"{crate}.{target['name']}" if "test" in target["kind"] else crate
+    if key not in wanted:
+        continue
+    wanted.discard(key)
+    name = key if "test" in target["kind"] else exe.rsplit("/", 1)[-1]
     shutil.copy2(exe, f"{dest}/{name}")
     print(name, file=sys.stderr)
+if wanted:
+    sys.exit(f"no test binary built for: {' '.join(sorted(wanted))}")
 EOF
 
 # 2. The release runner (bench-mix, bench-train, train).
@@ -69,6 +75,7 @@ mkdir -p "$KIT"
 say "compressing ($(du -sh "$stage" | cut -f1) staged)"
 tar -C "$stage" -cf - xtask bin golden | xz -9 --lzma2=preset=9,dict=256MiB -T1 > "$KIT/kit.tar.xz"
 cp "$SHARED_GPU/device-env.sh" "$SHARED_GPU/torch_baseline.py" "$KIT/"
+chmod u+w "$KIT"/*
 {
   echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates xtask || echo ' (with uncommitted changes)')"
   echo "nvcc: $(nvcc --version | tail -1); CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP"

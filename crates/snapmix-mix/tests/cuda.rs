@@ -18,7 +18,9 @@ fn gpu(test: &str) -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(device) => Some(device),
         Err(e) => {
-            println!("{test}: CUDA check skipped for lack of a device ({e})");
+            let reason = e.to_string();
+            let reason = reason.lines().next().unwrap_or_default();
+            println!("{test}: CUDA check skipped for lack of a device ({reason})");
             None
         }
     }
