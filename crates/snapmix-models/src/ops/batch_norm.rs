@@ -290,18 +290,28 @@ impl CustomOp3 for BatchNormOp {
 /// to ~1e-7 over one image row; rows are then summed in f64.
 const LANES: usize = 16;
 
-/// Sums of `f(i)` over `0..len` in LANES f32 partial sums, returned as f64.
+/// Sums of both halves of the pairs `f(i)` over `0..len`, each in LANES f32 partial sums,
+/// returned as f64: one pass where two separate sums would read the data twice.
 #[inline(always)]
-fn lane_sum(len: usize, mut f: impl FnMut(usize) -> f32) -> f64 {
-    let mut acc = [0.0f32; LANES];
+fn lane_sums(len: usize, mut f: impl FnMut(usize) -> (f32, f32)) -> (f64, f64) {
+    let (mut acc0, mut acc1) = ([0.0f32; LANES], [0.0f32; LANES]);
     let full = len / LANES * LANES;
     for start in (0..full).step_by(LANES) {
-        for (lane, a) in acc.iter_mut().enumerate() {
-            *a += f(start + lane);
+        for lane in 0..LANES {
+            let (v0, v1) = f(start + lane);
+            acc0[lane] += v0;
+            acc1[lane] += v1;
         }
     }
-    let tail: f32 = (full..len).map(&mut f).sum();
-    acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64
+    let (mut tail0, mut tail1) = (0.0f32, 0.0f32);
+    for i in full..len {
+        let (v0, v1) = f(i);
+        tail0 += v0;
+        tail1 += v1;
+    }
+    let total =
+        |acc: [f32; LANES], tail: f32| acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64;
+    (total(acc0, tail0), total(acc1, tail1))
 }
 
 /// Mean and biased variance of each channel in one pass over `x`, shifted by the channel's
@@ -320,8 +330,12 @@ fn channel_stats(dims: &BnDims, x: &[f32], eps: f32) -> BatchStats {
             let (mut sum, mut sum_sq) = (0.0f64, 0.0f64);
             for n in 0..batch {
                 let row = &x[(n * channels + c) * pixels..][..pixels];
-                sum += lane_sum(pixels, |i| row[i] - shift);
-                sum_sq += lane_sum(pixels, |i| (row[i] - shift) * (row[i] - shift));
+                let (row_sum, row_sum_sq) = lane_sums(pixels, |i| {
+                    let centred = row[i] - shift;
+                    (centred, centred * centred)
+                });
+                sum += row_sum;
+                sum_sq += row_sum_sq;
             }
             let mean_shifted = sum / count;
             let var = (sum_sq / count - mean_shifted * mean_shifted).max(0.0);
@@ -342,25 +356,35 @@ fn normalise(
     stats: &BatchStats,
     relu: bool,
 ) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(dims.pixels)
+    let mut out = Vec::with_capacity(x.len());
+    out.spare_capacity_mut()
+        .par_chunks_mut(dims.pixels)
         .zip(x.par_chunks(dims.pixels))
         .enumerate()
+        .with_min_len(min_rows_per_task(dims.pixels))
         .for_each(|(i, (out_row, x_row))| {
             let c = i % dims.channels;
             let scale = gamma[c] * stats.inv_std[c];
             let shift = beta[c] - stats.mean[c] * scale;
             if relu {
                 for (o, &v) in out_row.iter_mut().zip(x_row) {
-                    *o = (v * scale + shift).max(0.0);
+                    o.write((v * scale + shift).max(0.0));
                 }
             } else {
                 for (o, &v) in out_row.iter_mut().zip(x_row) {
-                    *o = v * scale + shift;
+                    o.write(v * scale + shift);
                 }
             }
         });
+    // SAFETY: the rows above cover all `x.len()` elements.
+    unsafe { out.set_len(x.len()) };
     out
+}
+
+/// Rows (one channel of one image) per rayon task: small feature maps (2x2 in layer4 at low
+/// resolution) would otherwise make one task per handful of values.
+fn min_rows_per_task(pixels: usize) -> usize {
+    (4096 / pixels.max(1)).max(1)
 }
 
 /// What the backward pass reads.
@@ -397,8 +421,12 @@ fn backward(dims: &BnDims, inp: BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, 
             let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
             for n in 0..batch {
                 let start = (n * channels + c) * pixels;
-                sum_g += lane_sum(pixels, |i| masked(start, i));
-                sum_gx += lane_sum(pixels, |i| masked(start, i) * (inp.x[start + i] - mean));
+                let (g, gx) = lane_sums(pixels, |i| {
+                    let g = masked(start, i);
+                    (g, g * (inp.x[start + i] - mean))
+                });
+                sum_g += g;
+                sum_gx += gx;
             }
             // d beta = sum g; d gamma = sum g * x_hat = inv_std * sum g * (x - mean).
             (sum_g as f32, (sum_gx * inp.stats.inv_std[c] as f64) as f32)
@@ -410,10 +438,12 @@ fn backward(dims: &BnDims, inp: BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, 
     }
     // dx = gamma * inv_std * (g - mean(g) - x_hat * mean(g * x_hat)), written as a * g + b * x + d.
     let count = dims.count() as f32;
-    let mut grad_x = vec![0.0f32; inp.x.len()];
+    let mut grad_x = Vec::with_capacity(inp.x.len());
     grad_x
+        .spare_capacity_mut()
         .par_chunks_mut(pixels)
         .enumerate()
+        .with_min_len(min_rows_per_task(pixels))
         .for_each(|(row, dst)| {
             let c = row % channels;
             let start = row * pixels;
@@ -422,9 +452,11 @@ fn backward(dims: &BnDims, inp: BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, 
             let b = -a * inv_std * grad_gamma[c] / count;
             let d = -a * grad_beta[c] / count - b * inp.stats.mean[c];
             for (i, o) in dst.iter_mut().enumerate() {
-                *o = a * masked(start, i) + b * inp.x[start + i] + d;
+                o.write(a * masked(start, i) + b * inp.x[start + i] + d);
             }
         });
+    // SAFETY: the rows above cover all `inp.x.len()` elements.
+    unsafe { grad_x.set_len(inp.x.len()) };
     (Some(grad_x), grad_gamma, grad_beta)
 }
 
