@@ -1,6 +1,7 @@
 //! `cargo xtask bench-train`: the median time of a full ResNet training step on the CPU with the
 //! fused ops, with candle's composed ops, and with PyTorch (benches/torch_cpu_train.py), all at
-//! the same thread count; a table and target/bench/bench-train.json.
+//! the same thread count; a table and target/bench/bench-train.json. With `--device cuda`, the
+//! same per precision on the GPU, with peak device memory (the `cuda` module below).
 
 use crate::device::DeviceSpec;
 use anyhow::{bail, ensure, Context, Result};
@@ -41,6 +42,14 @@ pub struct Args {
     /// Skip candle's composed-ops reference path.
     #[arg(long)]
     no_reference: bool,
+    /// CUDA: the precisions to time, comma-separated: fp32 (strict) and tf32 (TF32
+    /// convolutions); bf16 is not implemented yet.
+    #[arg(long, default_value = "fp32,tf32")]
+    precisions: String,
+    /// CUDA: PyTorch's figures from `torch_baseline.py` (its torch_baseline.json, run in the
+    /// same call on the same card) for the ratio columns; without it there are none.
+    #[arg(long, value_name = "FILE")]
+    torch_json: Option<std::path::PathBuf>,
 }
 
 /// One benchmark configuration.
@@ -138,11 +147,14 @@ struct Report {
 
 /// Runs `cargo xtask bench-train`.
 pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
-    if device != DeviceSpec::Cpu {
-        bail!(
+    match device {
+        DeviceSpec::Cpu => {}
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(_) => return cuda::run(args, device),
+        _ => bail!(
             "`cargo xtask bench-train --device {device}` is not implemented yet (issue 7); \
-             use --device cpu"
-        );
+             use --device cpu or cuda"
+        ),
     }
     if let Some(code) = rerun_optimised()? {
         std::process::exit(code);
@@ -440,5 +452,308 @@ mod tests {
         }
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
+
+/// `bench-train --device cuda`: the training step with the custom ops (cuDNN convolutions, our
+/// batch-norm and max-pool kernels) per precision, its peak device memory, candle's composed ops
+/// (fp32 rows), and PyTorch's figures read from `torch_baseline.py`'s JSON of the same call.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use snapmix_models::ops::cuda::memory;
+    use snapmix_models::ops::dispatch::set_allow_tf32;
+
+    /// The precision of one row.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Precision {
+        /// Strict fp32 convolutions.
+        Fp32,
+        /// TF32 tensor-core convolutions (PyTorch's default for cuDNN convolutions).
+        Tf32,
+    }
+
+    impl Precision {
+        fn parse(name: &str) -> Result<Self> {
+            match name.trim() {
+                "fp32" => Ok(Self::Fp32),
+                "tf32" => Ok(Self::Tf32),
+                "bf16" => bail!("precision bf16 is not implemented yet (issue 7); use fp32,tf32"),
+                other => bail!("unknown precision `{other}`: expected fp32 or tf32"),
+            }
+        }
+
+        fn name(self) -> &'static str {
+            match self {
+                Self::Fp32 => "fp32",
+                Self::Tf32 => "tf32",
+            }
+        }
+    }
+
+    /// PyTorch's figures for one row, from torch_baseline.py.
+    #[derive(Clone, Serialize)]
+    struct TorchFigures {
+        median_ms: f64,
+        images_per_s: f64,
+        /// `torch.cuda.max_memory_allocated` after the warm-up, GiB.
+        peak_gib: f64,
+    }
+
+    #[derive(Serialize)]
+    struct CudaRow {
+        config: BenchConfig,
+        precision: &'static str,
+        ours: Timing,
+        /// Peak bytes held by live allocations in the device's memory pool during the timed
+        /// steps (after the warm-up), GiB: PyTorch's `max_memory_allocated` counterpart.
+        peak_used_gib: f64,
+        /// The pool's peak reservation over the same steps, GiB.
+        peak_reserved_gib: f64,
+        composed: Option<Timing>,
+        torch: Option<TorchFigures>,
+        /// PyTorch's ms per step over ours: above 1 means faster than PyTorch.
+        speed_vs_torch: Option<f64>,
+        /// Our peak used memory over PyTorch's peak allocated memory (target: at most 1.2).
+        memory_vs_torch: Option<f64>,
+    }
+
+    #[derive(Serialize)]
+    struct CudaReport {
+        command: String,
+        unix_time: u64,
+        device: String,
+        steps: usize,
+        warmup: usize,
+        classes: usize,
+        /// torch_baseline.py's `meta` (torch, CUDA and cuDNN versions, GPU name).
+        torch_meta: Option<serde_json::Value>,
+        rows: Vec<CudaRow>,
+    }
+
+    /// Runs `bench-train --device cuda[:N]`.
+    pub(super) fn run(args: Args, spec: DeviceSpec) -> Result<()> {
+        ensure!(args.steps >= 1, "--steps must be at least 1");
+        let device = spec.open()?;
+        let configs = args
+            .configs
+            .split(',')
+            .map(BenchConfig::parse)
+            .collect::<Result<Vec<_>>>()?;
+        let precisions = args
+            .precisions
+            .split(',')
+            .map(Precision::parse)
+            .collect::<Result<Vec<_>>>()?;
+        let torch = match &args.torch_json {
+            Some(path) => Some(read_torch_json(path)?),
+            None => None,
+        };
+        let mut rows = Vec::new();
+        for config in &configs {
+            for &precision in &precisions {
+                set_allow_tf32(precision == Precision::Tf32);
+                eprintln!(
+                    "bench-train: {} {} (custom ops)",
+                    config.label(),
+                    precision.name()
+                );
+                let measured = time_cuda_steps(config, &args, &device, false);
+                set_allow_tf32(true);
+                let (ours, peak) = measured?;
+                // candle's own conv ignores our TF32 switch: one composed row, in fp32.
+                let composed = if args.no_reference || precision != Precision::Fp32 {
+                    None
+                } else {
+                    eprintln!("bench-train: {} (candle composed ops)", config.label());
+                    Some(time_cuda_steps(config, &args, &device, true)?.0)
+                };
+                let torch = torch
+                    .as_ref()
+                    .and_then(|(_, rows)| rows.get(&torch_key(config, precision)).cloned());
+                let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+                let peak_used_gib = gib(peak.used_bytes);
+                rows.push(CudaRow {
+                    config: *config,
+                    precision: precision.name(),
+                    speed_vs_torch: torch.as_ref().map(|t| t.median_ms / ours.median_ms),
+                    memory_vs_torch: torch.as_ref().map(|t| peak_used_gib / t.peak_gib),
+                    ours,
+                    peak_used_gib,
+                    peak_reserved_gib: gib(peak.reserved_bytes),
+                    composed,
+                    torch,
+                });
+            }
+        }
+        let torch_meta = torch.map(|(meta, _)| meta);
+        let device_name = torch_meta
+            .as_ref()
+            .and_then(|meta| meta["gpu"].as_str())
+            .map_or_else(|| spec.to_string(), |gpu| format!("{spec} ({gpu})"));
+        print_cuda_table(&rows, &device_name);
+        let report = CudaReport {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            device: device_name,
+            steps: args.steps,
+            warmup: args.warmup,
+            classes: args.classes,
+            torch_meta,
+            rows,
+        };
+        let out_dir = super::super::repo_root().join("target").join("bench");
+        std::fs::create_dir_all(&out_dir)
+            .with_context(|| format!("cannot create {}", out_dir.display()))?;
+        let out = out_dir.join("bench-train.json");
+        std::fs::write(&out, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+        println!("wrote {}", out.display());
+        Ok(())
+    }
+
+    /// Like the CPU `time_steps`, on a CUDA device: each timed step ends with a device
+    /// synchronisation, and the memory pool's peaks are taken over the timed steps.
+    fn time_cuda_steps(
+        config: &BenchConfig,
+        args: &Args,
+        device: &Device,
+        composed: bool,
+    ) -> Result<(Timing, memory::PoolPeak)> {
+        set_composed_ops(composed);
+        let result = (|| {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+            let model = ResNet::new(config.arch, args.classes, None, vb)?;
+            model.init_weights(0)?;
+            let params = model
+                .named_parameters()
+                .iter()
+                .map(|(name, tensor)| {
+                    Ok(NamedVar {
+                        name: name.clone(),
+                        var: Var::from_tensor(tensor)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let group = ParamGroup {
+                label: "all".into(),
+                base_lr: 0.01,
+                weight_decay: 0.0,
+                params,
+            };
+            let settings = SgdSettings {
+                momentum: 0.9,
+                nesterov: false,
+                decay_bn_and_bias: true,
+            };
+            let mut sgd = Sgd::new(vec![group], settings)?;
+            let (images, labels) = synthetic_batch(config, args.classes, device)?;
+            let mut step = || -> Result<()> {
+                let logits = model.forward_t(&images, true)?.logits;
+                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                sgd.step(&loss.backward()?)?;
+                device.synchronize()?;
+                Ok(())
+            };
+            for _ in 0..args.warmup {
+                step()?;
+            }
+            memory::reset_peak(device)?;
+            let mut times = Vec::with_capacity(args.steps);
+            for _ in 0..args.steps {
+                let start = Instant::now();
+                step()?;
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok((Timing::new(times, config.batch), memory::peak(device)?))
+        })();
+        set_composed_ops(false);
+        result
+    }
+
+    /// The key of a PyTorch row: `resnet50_train_step_448 b16 tf32`.
+    fn torch_key(config: &BenchConfig, precision: Precision) -> String {
+        format!(
+            "{}_train_step_{} b{} {}",
+            config.arch.name(),
+            config.size,
+            config.batch,
+            precision.name()
+        )
+    }
+
+    /// torch_baseline.py's JSON: its `meta` and its train rows by [`torch_key`].
+    fn read_torch_json(
+        path: &Path,
+    ) -> Result<(
+        serde_json::Value,
+        std::collections::HashMap<String, TorchFigures>,
+    )> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the PyTorch baseline {}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let rows = json["rows"]
+            .as_array()
+            .with_context(|| format!("{} has no `rows` list", path.display()))?;
+        let mut figures = std::collections::HashMap::new();
+        for row in rows.iter().filter(|r| r["section"] == "train") {
+            let field = |name: &str| {
+                row[name].as_f64().with_context(|| {
+                    format!("a train row of {} has no numeric `{name}`", path.display())
+                })
+            };
+            let key = format!(
+                "{} b{} {}",
+                row["name"].as_str().unwrap_or_default(),
+                field("batch")?,
+                row["precision"].as_str().unwrap_or_default()
+            );
+            figures.insert(
+                key,
+                TorchFigures {
+                    median_ms: field("median_ms")?,
+                    images_per_s: field("images_per_s")?,
+                    peak_gib: field("peak_gib")?,
+                },
+            );
+        }
+        Ok((json["meta"].clone(), figures))
+    }
+
+    fn print_cuda_table(rows: &[CudaRow], device: &str) {
+        let opt =
+            |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.2}{unit}"));
+        println!(
+            "training step on {device}, median ms/step (PyTorch: torch_baseline.py, same call)"
+        );
+        println!(
+            "| config | precision | ours ms | ours img/s | peak GiB | candle ms | PyTorch ms | PyTorch GiB | speed vs PyTorch | memory vs PyTorch |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        for row in rows {
+            println!(
+                "| {} | {} | {:.1} | {:.1} | {:.2} | {} | {} | {} | {} | {} |",
+                row.config.label(),
+                row.precision,
+                row.ours.median_ms,
+                row.ours.images_per_s,
+                row.peak_used_gib,
+                opt(row.composed.as_ref().map(|t| t.median_ms), ""),
+                opt(row.torch.as_ref().map(|t| t.median_ms), ""),
+                opt(row.torch.as_ref().map(|t| t.peak_gib), ""),
+                opt(row.speed_vs_torch, "x"),
+                opt(row.memory_vs_torch, "x"),
+            );
+        }
+        println!(
+            "(speed = PyTorch ms / ours: above 1.00x we are faster; memory = our pool peak / \
+             PyTorch's max_memory_allocated; PyTorch's step uses nesterov SGD, weight decay and a \
+             mixed loss, ours plain momentum SGD and cross-entropy)"
+        );
     }
 }
