@@ -47,6 +47,12 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Train(_) | Command::Eval(_) | Command::BenchTrain(_)
+    ) {
+        keep_candle_elementwise_ops_on_the_calling_thread();
+    }
     if let Some(code) = device::reinvoke_with_feature(cli.device)? {
         std::process::exit(code);
     }
@@ -66,5 +72,16 @@ fn main() -> anyhow::Result<()> {
         Command::ShowMix(args) => cmd::show_mix::run(args, device),
         Command::Plot(args) => cmd::plot::run(args, device),
         Command::Dist(args) => cmd::dist::run(args, device),
+    }
+}
+
+/// candle runs its elementwise CPU ops (gradient accumulation, losses) on a pool of its own
+/// whose idle workers spin, competing for the cores with rayon's (GEMMs and the fused ops):
+/// with that pool off (`CANDLE_NUM_THREADS=1`) a ResNet training step took 20-25% less time and
+/// CPU on 2 cores (docs/BENCHMARKS.md). A `CANDLE_NUM_THREADS` the user set is kept.
+fn keep_candle_elementwise_ops_on_the_calling_thread() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Still single-threaded here: no other thread can read the environment concurrently.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
