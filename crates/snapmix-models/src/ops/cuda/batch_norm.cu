@@ -24,21 +24,20 @@ __device__ void block_sum2(float& a, float& b) {
     }
 }
 
-// Block (c, s) adds the sums of (x - shift) and (x - shift)^2 over its chunk of channel c's
-// batch * pixels values into sums[c] and sums[channels + c] (zeroed by the caller).
+// Block (c, s) adds the sums of (x - shift) and (x - shift)^2 over channel c of the images
+// s, s + gridDim.y, ... into sums[c] and sums[channels + c] (zeroed by the caller).
 extern "C" __global__ void bn_channel_sums(const float* x, size_t batch, size_t channels,
-                                           size_t pixels, size_t chunk, double* sums) {
+                                           size_t pixels, double* sums) {
     size_t c = blockIdx.x;
-    size_t count = batch * pixels;
-    size_t begin = blockIdx.y * chunk;
-    size_t end = min(begin + chunk, count);
     float shift = x[c * pixels];
     float sum = 0.0f, sum_sq = 0.0f;
-    for (size_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
-        size_t n = j / pixels, i = j - n * pixels;
-        float v = x[(n * channels + c) * pixels + i] - shift;
-        sum += v;
-        sum_sq += v * v;
+    for (size_t n = blockIdx.y; n < batch; n += gridDim.y) {
+        const float* plane = x + (n * channels + c) * pixels;
+        for (size_t i = threadIdx.x; i < pixels; i += blockDim.x) {
+            float v = plane[i] - shift;
+            sum += v;
+            sum_sq += v * v;
+        }
     }
     block_sum2(sum, sum_sq);
     if (threadIdx.x == 0) {
@@ -64,14 +63,17 @@ extern "C" __global__ void bn_finalize_stats(const double* sums, const float* x,
 }
 
 // out = x * scale + shift with scale = gamma * inv_std, shift = beta - mean * scale; then ReLU.
+// Grid (planes, y): block (p, y) covers plane p = n * channels + c from pixel y * blockDim.x on,
+// striding by the grid's height.
 extern "C" __global__ void bn_apply(const float* x, const float* mean, const float* inv_std,
                                     const float* gamma, const float* beta, float* out,
-                                    size_t total, size_t channels, size_t pixels, int relu) {
-    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
-         idx += (size_t)gridDim.x * blockDim.x) {
-        size_t c = (idx / pixels) % channels;
-        float scale = gamma[c] * inv_std[c];
-        float shift = beta[c] - mean[c] * scale;
+                                    size_t channels, size_t pixels, int relu) {
+    size_t plane = blockIdx.x, c = plane % channels;
+    float scale = gamma[c] * inv_std[c];
+    float shift = beta[c] - mean[c] * scale;
+    for (size_t i = blockIdx.y * (size_t)blockDim.x + threadIdx.x; i < pixels;
+         i += (size_t)gridDim.y * blockDim.x) {
+        size_t idx = plane * pixels + i;
         float v = x[idx] * scale + shift;
         out[idx] = relu && v < 0.0f ? 0.0f : v;
     }
@@ -83,23 +85,21 @@ __device__ __forceinline__ float masked_grad(const float* grad, const float* out
     return relu && out[idx] <= 0.0f ? 0.0f : grad[idx];
 }
 
-// Block (c, s) adds sum g and sum g * (x - mean) over its chunk of channel c into sums[c] and
-// sums[channels + c] (zeroed by the caller).
+// Block (c, s) adds sum g and sum g * (x - mean) over channel c of the images s, s + gridDim.y,
+// ... into sums[c] and sums[channels + c] (zeroed by the caller).
 extern "C" __global__ void bn_grad_sums(const float* x, const float* out, const float* grad,
                                         const float* mean, size_t batch, size_t channels,
-                                        size_t pixels, size_t chunk, int relu, double* sums) {
+                                        size_t pixels, int relu, double* sums) {
     size_t c = blockIdx.x;
-    size_t count = batch * pixels;
-    size_t begin = blockIdx.y * chunk;
-    size_t end = min(begin + chunk, count);
     float m = mean[c];
     float sum_g = 0.0f, sum_gx = 0.0f;
-    for (size_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
-        size_t n = j / pixels, i = j - n * pixels;
-        size_t idx = (n * channels + c) * pixels + i;
-        float g = masked_grad(grad, out, idx, relu);
-        sum_g += g;
-        sum_gx += g * (x[idx] - m);
+    for (size_t n = blockIdx.y; n < batch; n += gridDim.y) {
+        size_t start = (n * channels + c) * pixels;
+        for (size_t i = threadIdx.x; i < pixels; i += blockDim.x) {
+            float g = masked_grad(grad, out, start + i, relu);
+            sum_g += g;
+            sum_gx += g * (x[start + i] - m);
+        }
     }
     block_sum2(sum_g, sum_gx);
     if (threadIdx.x == 0) {
@@ -118,19 +118,21 @@ extern "C" __global__ void bn_grad_params(const double* sums, const float* inv_s
 }
 
 // dx = gamma * inv_std * (g - mean(g) - x_hat * mean(g * x_hat)), as a * g + b * x + d.
+// Grid as bn_apply's.
 extern "C" __global__ void bn_grad_input(const float* x, const float* out, const float* grad,
                                          const float* mean, const float* inv_std,
                                          const float* gamma, const float* grad_gamma,
-                                         const float* grad_beta, size_t total, size_t channels,
-                                         size_t pixels, size_t count, int relu, float* grad_x) {
+                                         const float* grad_beta, size_t channels, size_t pixels,
+                                         size_t count, int relu, float* grad_x) {
+    size_t plane = blockIdx.x, c = plane % channels;
     float n = (float)count;
-    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
-         idx += (size_t)gridDim.x * blockDim.x) {
-        size_t c = (idx / pixels) % channels;
-        float s = inv_std[c];
-        float a = gamma[c] * s;
-        float b = -a * s * grad_gamma[c] / n;
-        float d = -a * grad_beta[c] / n - b * mean[c];
+    float s = inv_std[c];
+    float a = gamma[c] * s;
+    float b = -a * s * grad_gamma[c] / n;
+    float d = -a * grad_beta[c] / n - b * mean[c];
+    for (size_t i = blockIdx.y * (size_t)blockDim.x + threadIdx.x; i < pixels;
+         i += (size_t)gridDim.y * blockDim.x) {
+        size_t idx = plane * pixels + i;
         grad_x[idx] = a * masked_grad(grad, out, idx, relu) + b * x[idx] + d;
     }
 }

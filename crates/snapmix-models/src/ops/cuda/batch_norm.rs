@@ -25,12 +25,29 @@ impl BnShape {
         self.count() * self.channels
     }
 
-    /// Blocks per channel for the per-channel sums, and the values each covers: enough blocks
-    /// in all to fill the GPU even when there are few channels (the stem has 64).
-    fn split(&self) -> (usize, usize) {
-        let wanted = 1024usize.div_ceil(self.channels);
-        let splits = wanted.clamp(1, self.count().div_ceil(BLOCK as usize * 4).max(1));
-        (splits, self.count().div_ceil(splits))
+    /// Grid `(channels, splits)` of the per-channel sum kernels: block (c, s) sums channel c of
+    /// the images s, s + splits, ...; enough blocks in all to fill the GPU even when there are
+    /// few channels (the stem has 64).
+    fn per_channel(&self) -> LaunchConfig {
+        let splits = 1024usize
+            .div_ceil(self.channels)
+            .clamp(1, self.batch.max(1));
+        LaunchConfig {
+            grid_dim: (self.channels as u32, splits as u32, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Grid `(planes, y)` of the elementwise kernels: block (p, y) covers plane p (one image's
+    /// channel) from pixel y * BLOCK on, so a thread finds its channel without dividing.
+    fn per_plane(&self) -> LaunchConfig {
+        let rows = self.pixels.div_ceil(BLOCK as usize).clamp(1, 65_535);
+        LaunchConfig {
+            grid_dim: ((self.batch * self.channels) as u32, rows as u32, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 }
 
@@ -65,7 +82,6 @@ pub(crate) fn forward(
         pixels,
     } = shape;
     let (count, total) = (shape.count(), shape.total());
-    let (splits, chunk) = shape.split();
     let mut sums = device.alloc_zeros::<f64>(2 * channels)?;
     {
         let func = device.get_or_load_custom_func("bn_channel_sums", MODULE, PTX)?;
@@ -74,10 +90,9 @@ pub(crate) fn forward(
             .arg(&batch)
             .arg(&channels)
             .arg(&pixels)
-            .arg(&chunk)
             .arg(&mut sums);
         // SAFETY: argument types and order match the kernel; the buffers hold what it reads.
-        unsafe { args.launch(per_channel(channels, splits)) }
+        unsafe { args.launch(shape.per_channel()) }
             .map_err(super::driver_err("bn_channel_sums"))?;
     }
     // SAFETY: each of these is fully written by bn_finalize_stats.
@@ -117,12 +132,11 @@ pub(crate) fn forward(
             .arg(&gamma)
             .arg(&beta)
             .arg(&mut out)
-            .arg(&total)
             .arg(&channels)
             .arg(&pixels)
             .arg(&relu);
         // SAFETY: as above.
-        unsafe { args.launch(launch_1d(total)) }.map_err(super::driver_err("bn_apply"))?;
+        unsafe { args.launch(shape.per_plane()) }.map_err(super::driver_err("bn_apply"))?;
     }
     let stats = DeviceStats {
         mean: cuda_tensor(mean, &device, channels),
@@ -172,7 +186,6 @@ pub(crate) fn backward(
         pixels,
     } = shape;
     let (count, total) = (shape.count(), shape.total());
-    let (splits, chunk) = shape.split();
     let relu = inp.relu as i32;
     let mut sums = device.alloc_zeros::<f64>(2 * channels)?;
     {
@@ -185,12 +198,10 @@ pub(crate) fn backward(
             .arg(&batch)
             .arg(&channels)
             .arg(&pixels)
-            .arg(&chunk)
             .arg(&relu)
             .arg(&mut sums);
         // SAFETY: argument types and order match the kernel; the buffers hold what it reads.
-        unsafe { args.launch(per_channel(channels, splits)) }
-            .map_err(super::driver_err("bn_grad_sums"))?;
+        unsafe { args.launch(shape.per_channel()) }.map_err(super::driver_err("bn_grad_sums"))?;
     }
     // SAFETY: fully written by bn_grad_params.
     let (mut grad_gamma, mut grad_beta) = unsafe {
@@ -223,14 +234,13 @@ pub(crate) fn backward(
             .arg(&gamma)
             .arg(&grad_gamma)
             .arg(&grad_beta)
-            .arg(&total)
             .arg(&channels)
             .arg(&pixels)
             .arg(&count)
             .arg(&relu)
             .arg(&mut grad_x);
         // SAFETY: as above.
-        unsafe { args.launch(launch_1d(total)) }.map_err(super::driver_err("bn_grad_input"))?;
+        unsafe { args.launch(shape.per_plane()) }.map_err(super::driver_err("bn_grad_input"))?;
         Some(cuda_tensor(grad_x, &device, inp.x.shape()))
     } else {
         None
@@ -240,13 +250,4 @@ pub(crate) fn backward(
         cuda_tensor(grad_gamma, &device, channels),
         cuda_tensor(grad_beta, &device, channels),
     ))
-}
-
-/// Grid `(channels, splits)` of the per-channel sum kernels.
-fn per_channel(channels: usize, splits: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (channels as u32, splits as u32, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    }
 }
