@@ -1,5 +1,5 @@
-//! `cargo xtask data-stats`: classes, split sizes and per-class counts of a dataset; with
-//! `--verify` every image is decoded and the unreadable ones are listed.
+//! `cargo xtask data-stats`: classes, split sizes, per-class counts and how many images have an
+//! object box; with `--verify` every image is decoded and the unreadable ones are listed.
 
 use std::path::{Path, PathBuf};
 
@@ -130,6 +130,13 @@ struct PerClass {
     test: MinMax,
 }
 
+/// Served images with an object box, per split.
+#[derive(Serialize)]
+struct Boxed {
+    train: usize,
+    test: usize,
+}
+
 #[derive(Serialize)]
 struct Stats {
     dataset: &'static str,
@@ -142,6 +149,8 @@ struct Stats {
     unreadable: Vec<String>,
     verified: bool,
     per_class: PerClass,
+    /// Images with an object box (the dataset's box file; none for folders and synthetic).
+    boxes: Boxed,
 }
 
 fn min_max(counts: &[usize]) -> MinMax {
@@ -187,6 +196,7 @@ fn synthetic_stats(verify: bool) -> Result<Stats> {
             train: min_max(&per_class_counts(&train)),
             test: min_max(&per_class_counts(&test)),
         },
+        boxes: Boxed { train: 0, test: 0 },
     })
 }
 
@@ -220,6 +230,10 @@ fn file_stats(args: &Args) -> Result<Stats> {
             train: min_max(&splits.train.class_counts()),
             test: min_max(&splits.test.class_counts()),
         },
+        boxes: Boxed {
+            train: splits.train.boxed(),
+            test: splits.test.boxed(),
+        },
     })
 }
 
@@ -251,6 +265,10 @@ pub fn run(args: Args, _device: DeviceSpec) -> Result<()> {
     } else {
         "existence checked; --verify decodes"
     };
+    println!(
+        "boxes       {:>6} train, {} test images with an object box",
+        stats.boxes.train, stats.boxes.test
+    );
     println!("unreadable  {:>6} ({checked})", stats.unreadable.len());
     for path in &stats.unreadable {
         println!("  {path}");

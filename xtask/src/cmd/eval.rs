@@ -8,9 +8,10 @@ use plotters::prelude::*;
 use snapmix_train::config::resolve;
 use snapmix_train::data::{load_datasets, test_loader};
 use snapmix_train::eval::load_model;
-use snapmix_train::{evaluate, EvalResult, Overrides, RunDir, TrainConfig};
+use snapmix_train::{evaluate, EvalResult, RunDir, TrainConfig};
 
 use super::plot::{render_png, DrawResult, FONT};
+use super::train::ConfigArgs;
 use crate::device::DeviceSpec;
 
 /// The most classes a confusion-matrix PNG is drawn for.
@@ -23,27 +24,9 @@ pub struct Args {
     /// A model.safetensors, a checkpoint folder, or a run directory (its best checkpoint).
     #[arg(long, value_name = "PATH")]
     weights: PathBuf,
-    /// Dataset: cub, cars, aircraft, folder or synthetic.
-    #[arg(long)]
-    dataset: Option<String>,
-    /// Dataset root folder.
-    #[arg(long)]
-    root: Option<PathBuf>,
-    /// Network: resnet18, resnet34, resnet50, resnet101 or resnet152.
-    #[arg(long)]
-    arch: Option<String>,
-    /// The weights include the mid-level head.
-    #[arg(long)]
-    midlevel: bool,
-    /// Preset for settings not given otherwise (weights outside a run directory).
-    #[arg(long)]
-    preset: Option<String>,
-    /// A TOML config file (weights outside a run directory).
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Any setting as KEY=VALUE, e.g. `--set data.crop=224`. Repeatable.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
+    // Settings; `--preset` and `--config` only matter for weights outside a run directory.
+    #[command(flatten)]
+    common: ConfigArgs,
     /// Output folder for per_class.json and confusion.png [default: <run>/eval, or
     /// <repo>/target/eval/<weights file stem>].
     #[arg(long, value_name = "DIR")]
@@ -93,33 +76,11 @@ fn locate(path: &Path) -> Result<WeightsLocation> {
     bail!("{} does not exist", path.display())
 }
 
-impl Args {
-    fn overrides(&self) -> Result<Overrides> {
-        let mut overrides = Overrides::new();
-        for assignment in &self.set {
-            overrides.set_assignment(assignment)?;
-        }
-        if let Some(dataset) = &self.dataset {
-            overrides.set("data.dataset", dataset.as_str());
-        }
-        if let Some(root) = &self.root {
-            overrides.set("data.root", root.display().to_string());
-        }
-        if let Some(arch) = &self.arch {
-            overrides.set("model.arch", arch.as_str());
-        }
-        if self.midlevel {
-            overrides.set("model.midlevel", true);
-        }
-        Ok(overrides)
-    }
-}
-
 /// Runs `cargo xtask eval`.
 pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
     let device = device.open()?;
     let location = locate(&args.weights)?;
-    let overrides = args.overrides()?;
+    let overrides = args.common.overrides()?;
     let config = match &location.run {
         Some(run) => {
             // The run's own settings, with any flags on top (through a temporary file).
@@ -130,7 +91,11 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
             let _ = std::fs::remove_file(&tmp);
             resolved?
         }
-        None => resolve(args.preset.as_deref(), args.config.as_deref(), &overrides)?,
+        None => resolve(
+            args.common.preset.as_deref(),
+            args.common.config.as_deref(),
+            &overrides,
+        )?,
     };
     let datasets = load_datasets(&config.data, config.seed)?;
     let classes = datasets.class_names.len();
@@ -269,4 +234,51 @@ fn draw_confusion(confusion: &[Vec<u32>], out: &Path) -> DrawResult {
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn shared_flags_become_the_same_overrides_as_for_train() {
+        let flags = [
+            "eval",
+            "--weights",
+            "w.safetensors",
+            "--set",
+            "data.crop=224",
+            "--dataset",
+            "cub",
+            "--root",
+            "/data/CUB_200_2011",
+            "--arch",
+            "resnet50",
+            "--midlevel",
+            "--preset",
+            "cub-resnet50",
+        ];
+        let args = Cli::try_parse_from(flags).unwrap().args;
+        let config = resolve(
+            args.common.preset.as_deref(),
+            args.common.config.as_deref(),
+            &args.common.overrides().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config.data.crop, 224);
+        assert_eq!(config.data.dataset.to_string(), "cub");
+        assert_eq!(
+            config.data.root.as_deref(),
+            Some(Path::new("/data/CUB_200_2011"))
+        );
+        assert_eq!(config.model.arch.to_string(), "resnet50");
+        assert!(config.model.midlevel);
+    }
 }

@@ -16,35 +16,66 @@ use snapmix_train::{
 use super::train_progress::{format_seconds, stop_flag, Progress};
 use crate::device::DeviceSpec;
 
+/// The settings flags `train` and `eval` share: where the config comes from (preset, file,
+/// `--set`) and the dataset and network flags.
+#[derive(clap::Args)]
+pub struct ConfigArgs {
+    /// Starting preset: `synthetic` (the default) or
+    /// {cub,cars,aircraft}-{resnet18,resnet34,resnet50,resnet101,resnet152}[-midlevel][-scratch].
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// A TOML file with any settings (a run's config.toml lists every key).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Any setting as a dotted key and a TOML value, e.g. `--set schedule.epochs=5`. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Dataset: cub, cars, aircraft, folder or synthetic.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Dataset root folder.
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Network: resnet18, resnet34, resnet50, resnet101 or resnet152.
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Add (train) or expect (eval) the mid-level head.
+    #[arg(long)]
+    pub midlevel: bool,
+}
+
+impl ConfigArgs {
+    /// The `--set` assignments, then the named flags (which win over them).
+    pub fn overrides(&self) -> Result<Overrides> {
+        let mut overrides = Overrides::new();
+        for assignment in &self.set {
+            overrides.set_assignment(assignment)?;
+        }
+        if let Some(dataset) = &self.dataset {
+            overrides.set("data.dataset", dataset.as_str());
+        }
+        if let Some(root) = &self.root {
+            overrides.set("data.root", root.display().to_string());
+        }
+        if let Some(arch) = &self.arch {
+            overrides.set("model.arch", arch.as_str());
+        }
+        if self.midlevel {
+            overrides.set("model.midlevel", true);
+        }
+        Ok(overrides)
+    }
+}
+
 /// Flags of `cargo xtask train`. Settings come from the preset, then the `--config` file, then
 /// `--set`, then the named flags; the effective config is written to the run directory.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Starting preset: `synthetic` (the default) or
-    /// {cub,cars,aircraft}-{resnet18,resnet34,resnet50,resnet101,resnet152}[-midlevel][-scratch].
-    #[arg(long)]
-    preset: Option<String>,
-    /// A TOML file with any settings (a run's config.toml lists every key).
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Any setting as a dotted key and a TOML value, e.g. `--set schedule.epochs=5`. Repeatable.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    /// Dataset: cub, cars, aircraft, folder or synthetic.
-    #[arg(long)]
-    dataset: Option<String>,
-    /// Dataset root folder.
-    #[arg(long)]
-    root: Option<PathBuf>,
-    /// Network: resnet18, resnet34, resnet50, resnet101 or resnet152.
-    #[arg(long)]
-    arch: Option<String>,
+    #[command(flatten)]
+    common: ConfigArgs,
     /// Pretrained body: a safetensors file, `hub`, or `none` (from scratch).
     #[arg(long)]
     pretrained: Option<String>,
-    /// Add the mid-level head.
-    #[arg(long)]
-    midlevel: bool,
     /// Mixing method: none, snapmix, cutmix, as_cutmix, mixup or cutout.
     #[arg(long = "mix")]
     mix: Option<String>,
@@ -54,6 +85,10 @@ pub struct Args {
     /// Probability a batch is mixed [default: the method's official value].
     #[arg(long)]
     prob: Option<f64>,
+    /// Several mixing methods, each used with its probability when a batch is mixed, e.g.
+    /// `snapmix:0.5,cutmix:0.5` (probabilities in [0, 1] summing to 1; overrides --mix).
+    #[arg(long, value_name = "METHOD:PROB,...")]
+    mix_switch: Option<String>,
     /// Epochs.
     #[arg(long)]
     epochs: Option<usize>,
@@ -87,31 +122,23 @@ pub struct Args {
 impl Args {
     /// The flags that set config values, in precedence order (`--set` first, named flags win).
     fn overrides(&self) -> Result<Overrides> {
-        let mut overrides = Overrides::new();
-        for assignment in &self.set {
-            overrides.set_assignment(assignment)?;
-        }
+        let mut overrides = self.common.overrides()?;
         let text = |o: &mut Overrides, key: &str, value: &Option<String>| {
             if let Some(value) = value {
                 o.set(key, value.as_str());
             }
         };
-        text(&mut overrides, "data.dataset", &self.dataset);
-        text(&mut overrides, "model.arch", &self.arch);
         text(&mut overrides, "model.pretrained", &self.pretrained);
         text(&mut overrides, "mix.method", &self.mix);
         text(&mut overrides, "name", &self.name);
-        if let Some(root) = &self.root {
-            overrides.set("data.root", root.display().to_string());
-        }
-        if self.midlevel {
-            overrides.set("model.midlevel", true);
-        }
         if let Some(beta) = self.beta {
             overrides.set("mix.beta", beta);
         }
         if let Some(prob) = self.prob {
             overrides.set("mix.prob", prob);
+        }
+        if let Some(spec) = &self.mix_switch {
+            overrides.set_switch(spec)?;
         }
         for (key, value) in [
             ("schedule.epochs", self.epochs.map(|v| v as u64)),
@@ -133,7 +160,10 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
     let stop = stop_flag()?;
     if let Some(dir) = &args.resume {
         let overrides = args.overrides()?;
-        if !overrides.is_empty() || args.preset.is_some() || args.config.is_some() || args.overwrite
+        if !overrides.is_empty()
+            || args.common.preset.is_some()
+            || args.common.config.is_some()
+            || args.overwrite
         {
             bail!(
                 "--resume continues the run with its saved config: drop the other settings flags"
@@ -152,7 +182,11 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
         return finish(&mut trainer, &mut progress);
     }
     let overrides = args.overrides()?;
-    let config = resolve(args.preset.as_deref(), args.config.as_deref(), &overrides)?;
+    let config = resolve(
+        args.common.preset.as_deref(),
+        args.common.config.as_deref(),
+        &overrides,
+    )?;
     let mode = if args.overwrite {
         StartMode::Overwrite
     } else {
@@ -192,10 +226,21 @@ fn print_plan(trainer: &Trainer) {
 }
 
 fn describe_mix(config: &TrainConfig) -> String {
-    match config.mix.method {
-        MixMethod::None => "no mixing".into(),
-        method => format!(
-            "{method} beta {} prob {}",
+    let methods = if config.mix.switch.is_empty() {
+        config.mix.method.to_string()
+    } else {
+        let entries: Vec<String> = config
+            .mix
+            .switch
+            .iter()
+            .map(|entry| format!("{}:{}", entry.method, entry.prob))
+            .collect();
+        format!("switch {}", entries.join(","))
+    };
+    match config.mix.methods().as_slice() {
+        [MixMethod::None] => "no mixing".into(),
+        _ => format!(
+            "{methods} beta {} prob {}",
             config.mix.beta_or_default(),
             config.mix.prob_or_default()
         ),
@@ -271,7 +316,12 @@ fn run_dir_for(args: &Args, config: &TrainConfig) -> PathBuf {
     if let Some(dir) = &args.run_dir {
         return dir.clone();
     }
-    let named = args.name.is_some() || args.set.iter().any(|s| s.trim_start().starts_with("name"));
+    let named = args.name.is_some()
+        || args
+            .common
+            .set
+            .iter()
+            .any(|s| s.trim_start().starts_with("name"));
     if named {
         runs_dir().join(&config.name)
     } else {
@@ -317,6 +367,9 @@ fn compare(
     device: candle_core::Device,
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
+    if !base.mix.switch.is_empty() {
+        bail!("--compare trains one method per run: drop mix.switch (--mix-switch)");
+    }
     let methods: Vec<MixMethod> = args
         .compare
         .iter()
@@ -401,6 +454,88 @@ fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    /// `cargo xtask train` alone, for parsing its flags.
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn resolve_flags(flags: &[&str]) -> Result<TrainConfig> {
+        let cli = Cli::try_parse_from(std::iter::once("train").chain(flags.iter().copied()))?;
+        let args = cli.args;
+        Ok(resolve(
+            args.common.preset.as_deref(),
+            args.common.config.as_deref(),
+            &args.overrides()?,
+        )?)
+    }
+
+    #[test]
+    fn shared_flags_reach_the_config_and_win_over_set() {
+        let config = resolve_flags(&[
+            "--preset",
+            "cars-resnet50",
+            "--set",
+            "model.arch=\"resnet34\"",
+            "--arch",
+            "resnet18",
+            "--root",
+            "/data/cars",
+            "--midlevel",
+            "--set",
+            "data.crop=224",
+        ])
+        .unwrap();
+        assert_eq!(config.model.arch.to_string(), "resnet18");
+        assert_eq!(config.data.root, Some(PathBuf::from("/data/cars")));
+        assert!(config.model.midlevel);
+        assert_eq!(config.data.crop, 224);
+        assert_eq!(config.preset, "cars-resnet50");
+    }
+
+    #[test]
+    fn mix_switch_flag_beats_set_and_reaches_the_config() {
+        let config = resolve_flags(&[
+            "--set",
+            "mix.switch=[{method=\"mixup\",prob=1.0}]",
+            "--mix-switch",
+            "snapmix:0.5,cutmix:0.5",
+            "--beta",
+            "4",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.mix.methods(),
+            vec![MixMethod::Snapmix, MixMethod::Cutmix]
+        );
+        assert_eq!(config.mix.beta_or_default(), 4.0);
+        assert!(config.to_toml().unwrap().contains("cutmix"));
+        assert_eq!(
+            describe_mix(&config),
+            "switch snapmix:0.5,cutmix:0.5 beta 4 prob 1"
+        );
+        // --set alone works too.
+        let config = resolve_flags(&["--set", "mix.switch=[{method=\"mixup\",prob=1.0}]"]).unwrap();
+        assert_eq!(config.mix.methods(), vec![MixMethod::Mixup]);
+
+        for (flags, expected) in [
+            (
+                &["--mix-switch", "snapmix:0.5,cutmix:0.4", "--beta", "1"][..],
+                "sum to 0.9",
+            ),
+            (&["--mix-switch", "snapmix:0.5,dance:0.5"][..], "dance"),
+            (
+                &["--mix-switch", "snapmix:0.5,cutmix:0.5"][..],
+                "set mix.beta",
+            ),
+        ] {
+            let err = format!("{:#}", resolve_flags(flags).unwrap_err());
+            assert!(err.contains(expected), "{flags:?}: {err}");
+        }
+    }
 
     #[test]
     fn utc_stamps_match_known_dates() {
