@@ -272,7 +272,7 @@ fn check_image(
 /// header is usually within it) and the whole file only when that is not enough.
 fn header_size(path: &Path, crop_bottom_rows: u32) -> Result<(u32, u32), String> {
     use std::io::Read;
-    const PREFIX: u64 = 256 * 1024;
+    const PREFIX: u64 = 64 * 1024;
     let mut prefix = Vec::new();
     std::fs::File::open(path)
         .and_then(|file| file.take(PREFIX).read_to_end(&mut prefix))
@@ -333,5 +333,35 @@ impl ImageDataset for ImageList {
             origin: entry.origin.clone(),
             reason,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_size_reads_past_a_long_prefix_and_subtracts_the_banner() {
+        let gray = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/gray.jpg"))
+            .unwrap();
+        // Two 60 KB comment segments after the start-of-image marker push the frame header
+        // past the first read.
+        let mut padded = gray[..2].to_vec();
+        for _ in 0..2 {
+            let len: u16 = 60_000;
+            padded.extend_from_slice(&[0xff, 0xfe]);
+            padded.extend_from_slice(&len.to_be_bytes());
+            padded.extend(std::iter::repeat_n(b'x', usize::from(len) - 2));
+        }
+        padded.extend_from_slice(&gray[2..]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("padded.jpg");
+        std::fs::write(&path, &padded).unwrap();
+        assert_eq!(header_size(&path, 0), Ok((8, 32)));
+        assert_eq!(header_size(&path, 3), Ok((5, 32)));
+        assert!(header_size(&path, 8).is_err());
+        // The padded file decodes to the same size.
+        let image = load_image(&path, 0).unwrap();
+        assert_eq!((image.height(), image.width()), (8, 32));
     }
 }
