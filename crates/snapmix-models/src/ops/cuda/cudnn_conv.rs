@@ -227,19 +227,20 @@ impl CudnnState {
 
     /// Runs one pass, measuring its algorithms first if this shape has none yet.
     fn run(&mut self, shape: &ConvShape, pass: Pass, ptrs: Pointers) -> Result<()> {
-        let key = (*shape, pass, crate::ops::dispatch::allow_tf32());
-        if !self.plans.contains_key(&key) {
-            let plan = self.measure(shape, pass, key.2, &ptrs)?;
-            self.plans.insert(key, plan);
-        }
-        let Some(plan) = self.plans.get(&key) else {
-            bail!("conv2d: no cuDNN plan for {shape:?}");
+        let tf32 = crate::ops::dispatch::allow_tf32();
+        let plan = match self.plans.entry((*shape, pass, tf32)) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(measure(
+                &self.handle,
+                &self.stream,
+                shape,
+                pass,
+                tf32,
+                &ptrs,
+            )?),
         };
         let (workspace_bytes, algo) = (plan.workspace_bytes, plan.algo);
-        let workspace = self.workspace(workspace_bytes)?;
-        let Some(plan) = self.plans.get(&key) else {
-            bail!("conv2d: no cuDNN plan for {shape:?}");
-        };
+        let workspace = grow_workspace(&mut self.workspace, &self.stream, workspace_bytes)?;
         let d = &plan.descriptors;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let alpha = &alpha as *const f32 as *const c_void;
@@ -304,238 +305,246 @@ impl CudnnState {
             ))
         })
     }
+}
 
-    /// The address of a workspace of at least `bytes` (0 for none), growing the shared buffer
-    /// when needed. The old buffer is freed in stream order, after the calls that used it.
-    fn workspace(&mut self, bytes: usize) -> Result<u64> {
-        if bytes == 0 {
-            return Ok(0);
-        }
-        if self.workspace.as_ref().is_none_or(|w| w.len() < bytes) {
-            self.workspace = None;
-            // SAFETY: cuDNN workspaces need no initialisation.
-            let buffer = unsafe { self.stream.alloc::<u8>(bytes) }
-                .map_err(super::driver_err("conv2d workspace"))?;
-            self.workspace = Some(buffer);
-        }
-        let Some(workspace) = self.workspace.as_mut() else {
-            bail!("conv2d: workspace missing after allocation");
-        };
-        let (ptr, _sync) = workspace.device_ptr_mut(&self.stream);
-        Ok(ptr)
+/// The address of a workspace of at least `bytes` (0 for none), growing the shared buffer
+/// when needed. The old buffer is freed in stream order, after the calls that used it.
+fn grow_workspace(
+    workspace: &mut Option<CudaSlice<u8>>,
+    stream: &Arc<CudaStream>,
+    bytes: usize,
+) -> Result<u64> {
+    if bytes == 0 {
+        return Ok(0);
     }
+    if workspace.as_ref().is_none_or(|w| w.len() < bytes) {
+        *workspace = None;
+        // SAFETY: cuDNN workspaces need no initialisation.
+        let buffer =
+            unsafe { stream.alloc::<u8>(bytes) }.map_err(super::driver_err("conv2d workspace"))?;
+        *workspace = Some(buffer);
+    }
+    let Some(buffer) = workspace.as_mut() else {
+        bail!("conv2d: workspace missing after allocation");
+    };
+    let (ptr, _sync) = buffer.device_ptr_mut(stream);
+    Ok(ptr)
+}
 
-    /// Chooses the fastest algorithm for one pass by running them all once on the call's own
-    /// buffers (cudnnFind*Ex), with a temporary workspace as large as the slowest-to-fit
-    /// algorithm wants, up to the workspace limit. With TF32 disallowed only FMA math (strict
-    /// fp32) is tried.
-    fn measure(&self, shape: &ConvShape, pass: Pass, tf32: bool, ptrs: &Pointers) -> Result<Plan> {
-        let descriptors = Descriptors::new(shape)?;
-        let math = if tf32 {
-            sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
-        } else {
-            sys::cudnnMathType_t::CUDNN_FMA_MATH
-        };
-        // SAFETY: a live convolution descriptor.
-        unsafe { cudnn_result::set_convolution_math_type(descriptors.conv.0, math) }
-            .map_err(cudnn_err("cudnnSetConvolutionMathType"))?;
-        let limit = crate::ops::dispatch::conv_workspace_limit();
-        let wanted = self
-            .workspace_sizes(&descriptors, pass)
+/// Chooses the fastest algorithm for one pass by running them all once on the call's own
+/// buffers (cudnnFind*Ex), with a temporary workspace as large as the slowest-to-fit
+/// algorithm wants, up to the workspace limit. With TF32 disallowed only FMA math (strict
+/// fp32) is tried.
+fn measure(
+    handle: &Handle,
+    stream: &Arc<CudaStream>,
+    shape: &ConvShape,
+    pass: Pass,
+    tf32: bool,
+    ptrs: &Pointers,
+) -> Result<Plan> {
+    let descriptors = Descriptors::new(shape)?;
+    let math = if tf32 {
+        sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
+    } else {
+        sys::cudnnMathType_t::CUDNN_FMA_MATH
+    };
+    // SAFETY: a live convolution descriptor.
+    unsafe { cudnn_result::set_convolution_math_type(descriptors.conv.0, math) }
+        .map_err(cudnn_err("cudnnSetConvolutionMathType"))?;
+    let limit = crate::ops::dispatch::conv_workspace_limit();
+    let wanted = workspace_sizes(handle, &descriptors, pass)
+        .into_iter()
+        .filter(|&bytes| bytes <= limit)
+        .max()
+        .unwrap_or(0);
+    // A failed allocation only narrows the search to algorithms needing no workspace.
+    let mut find_workspace = match wanted {
+        0 => None,
+        // SAFETY: cuDNN workspaces need no initialisation.
+        bytes => unsafe { stream.alloc::<u8>(bytes) }.ok(),
+    };
+    let find_bytes = find_workspace.as_ref().map_or(0, |w| w.len());
+    let (ws, _ws_sync) = match find_workspace.as_mut() {
+        Some(w) => {
+            let (ptr, sync) = w.device_ptr_mut(stream);
+            (ptr as *mut c_void, Some(sync))
+        }
+        None => (std::ptr::null_mut(), None),
+    };
+    let tensor_cores = [
+        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+    ];
+    let usable = |status: sys::cudnnStatus_t, memory: usize, math: sys::cudnnMathType_t| {
+        status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+            && memory <= find_bytes
+            && (tf32 || !tensor_cores.contains(&math))
+    };
+    let (h, d) = (handle.0, &descriptors);
+    let mut count = 0;
+    // SAFETY: as in `run`; the find calls write only the pass's output buffer and the
+    // workspace, which are ours for the duration.
+    let chosen = unsafe {
+        match pass {
+            Pass::Forward => {
+                let mut perf = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); 8];
+                sys::cudnnFindConvolutionForwardAlgorithmEx(
+                    h,
+                    d.x.0,
+                    ptrs.x as *const c_void,
+                    d.w.0,
+                    ptrs.w as *const c_void,
+                    d.conv.0,
+                    d.y.0,
+                    ptrs.y as *mut c_void,
+                    perf.len() as i32,
+                    &mut count,
+                    perf.as_mut_ptr(),
+                    ws,
+                    find_bytes,
+                )
+                .result()
+                .map_err(cudnn_err("cudnnFindConvolutionForwardAlgorithmEx"))?;
+                perf.iter()
+                    .take(count.max(0) as usize)
+                    .find(|p| usable(p.status, p.memory, p.mathType))
+                    .map(|p| (Algo::Forward(p.algo), p.memory, p.mathType))
+            }
+            Pass::BackwardData => {
+                let mut perf = [std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); 6];
+                sys::cudnnFindConvolutionBackwardDataAlgorithmEx(
+                    h,
+                    d.w.0,
+                    ptrs.w as *const c_void,
+                    d.y.0,
+                    ptrs.y as *const c_void,
+                    d.conv.0,
+                    d.x.0,
+                    ptrs.x as *mut c_void,
+                    perf.len() as i32,
+                    &mut count,
+                    perf.as_mut_ptr(),
+                    ws,
+                    find_bytes,
+                )
+                .result()
+                .map_err(cudnn_err("cudnnFindConvolutionBackwardDataAlgorithmEx"))?;
+                perf.iter()
+                    .take(count.max(0) as usize)
+                    .find(|p| usable(p.status, p.memory, p.mathType))
+                    .map(|p| (Algo::BackwardData(p.algo), p.memory, p.mathType))
+            }
+            Pass::BackwardFilter => {
+                let mut perf = [std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); 7];
+                sys::cudnnFindConvolutionBackwardFilterAlgorithmEx(
+                    h,
+                    d.x.0,
+                    ptrs.x as *const c_void,
+                    d.y.0,
+                    ptrs.y as *const c_void,
+                    d.conv.0,
+                    d.w.0,
+                    ptrs.w as *mut c_void,
+                    perf.len() as i32,
+                    &mut count,
+                    perf.as_mut_ptr(),
+                    ws,
+                    find_bytes,
+                )
+                .result()
+                .map_err(cudnn_err("cudnnFindConvolutionBackwardFilterAlgorithmEx"))?;
+                perf.iter()
+                    .take(count.max(0) as usize)
+                    .find(|p| usable(p.status, p.memory, p.mathType))
+                    .map(|p| (Algo::BackwardFilter(p.algo), p.memory, p.mathType))
+            }
+        }
+    };
+    let Some((algo, workspace_bytes, math)) = chosen else {
+        bail!(
+            "conv2d: cuDNN found no usable {pass:?} algorithm for {shape:?} (TF32 {tf32}, \
+             workspace {find_bytes} bytes)"
+        );
+    };
+    // The real runs use the measured math type (as PyTorch does), and never TF32 when it is
+    // disallowed.
+    let math = if tf32 {
+        math
+    } else {
+        sys::cudnnMathType_t::CUDNN_FMA_MATH
+    };
+    // SAFETY: a live convolution descriptor.
+    unsafe { cudnn_result::set_convolution_math_type(descriptors.conv.0, math) }
+        .map_err(cudnn_err("cudnnSetConvolutionMathType"))?;
+    Ok(Plan {
+        descriptors,
+        algo,
+        workspace_bytes,
+    })
+}
+
+/// The workspace each algorithm of `pass` needs (algorithms that do not support the shape
+/// are left out).
+fn workspace_sizes(handle: &Handle, d: &Descriptors, pass: Pass) -> Vec<usize> {
+    use sys::cudnnConvolutionBwdDataAlgo_t as D;
+    use sys::cudnnConvolutionBwdFilterAlgo_t as F;
+    use sys::cudnnConvolutionFwdAlgo_t as A;
+    let h = handle.0;
+    // SAFETY: size queries on live descriptors.
+    unsafe {
+        match pass {
+            Pass::Forward => [
+                A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+            ]
             .into_iter()
-            .filter(|&bytes| bytes <= limit)
-            .max()
-            .unwrap_or(0);
-        // A failed allocation only narrows the search to algorithms needing no workspace.
-        let mut find_workspace = match wanted {
-            0 => None,
-            // SAFETY: cuDNN workspaces need no initialisation.
-            bytes => unsafe { self.stream.alloc::<u8>(bytes) }.ok(),
-        };
-        let find_bytes = find_workspace.as_ref().map_or(0, |w| w.len());
-        let (ws, _ws_sync) = match find_workspace.as_mut() {
-            Some(w) => {
-                let (ptr, sync) = w.device_ptr_mut(&self.stream);
-                (ptr as *mut c_void, Some(sync))
-            }
-            None => (std::ptr::null_mut(), None),
-        };
-        let tensor_cores = [
-            sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
-            sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
-        ];
-        let usable = |status: sys::cudnnStatus_t, memory: usize, math: sys::cudnnMathType_t| {
-            status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
-                && memory <= find_bytes
-                && (tf32 || !tensor_cores.contains(&math))
-        };
-        let (h, d) = (self.handle.0, &descriptors);
-        let mut count = 0;
-        // SAFETY: as in `run`; the find calls write only the pass's output buffer and the
-        // workspace, which are ours for the duration.
-        let chosen = unsafe {
-            match pass {
-                Pass::Forward => {
-                    let mut perf = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); 8];
-                    sys::cudnnFindConvolutionForwardAlgorithmEx(
-                        h,
-                        d.x.0,
-                        ptrs.x as *const c_void,
-                        d.w.0,
-                        ptrs.w as *const c_void,
-                        d.conv.0,
-                        d.y.0,
-                        ptrs.y as *mut c_void,
-                        perf.len() as i32,
-                        &mut count,
-                        perf.as_mut_ptr(),
-                        ws,
-                        find_bytes,
-                    )
-                    .result()
-                    .map_err(cudnn_err("cudnnFindConvolutionForwardAlgorithmEx"))?;
-                    perf.iter()
-                        .take(count.max(0) as usize)
-                        .find(|p| usable(p.status, p.memory, p.mathType))
-                        .map(|p| (Algo::Forward(p.algo), p.memory, p.mathType))
-                }
-                Pass::BackwardData => {
-                    let mut perf =
-                        [std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); 6];
-                    sys::cudnnFindConvolutionBackwardDataAlgorithmEx(
-                        h,
-                        d.w.0,
-                        ptrs.w as *const c_void,
-                        d.y.0,
-                        ptrs.y as *const c_void,
-                        d.conv.0,
-                        d.x.0,
-                        ptrs.x as *mut c_void,
-                        perf.len() as i32,
-                        &mut count,
-                        perf.as_mut_ptr(),
-                        ws,
-                        find_bytes,
-                    )
-                    .result()
-                    .map_err(cudnn_err("cudnnFindConvolutionBackwardDataAlgorithmEx"))?;
-                    perf.iter()
-                        .take(count.max(0) as usize)
-                        .find(|p| usable(p.status, p.memory, p.mathType))
-                        .map(|p| (Algo::BackwardData(p.algo), p.memory, p.mathType))
-                }
-                Pass::BackwardFilter => {
-                    let mut perf =
-                        [std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); 7];
-                    sys::cudnnFindConvolutionBackwardFilterAlgorithmEx(
-                        h,
-                        d.x.0,
-                        ptrs.x as *const c_void,
-                        d.y.0,
-                        ptrs.y as *const c_void,
-                        d.conv.0,
-                        d.w.0,
-                        ptrs.w as *mut c_void,
-                        perf.len() as i32,
-                        &mut count,
-                        perf.as_mut_ptr(),
-                        ws,
-                        find_bytes,
-                    )
-                    .result()
-                    .map_err(cudnn_err("cudnnFindConvolutionBackwardFilterAlgorithmEx"))?;
-                    perf.iter()
-                        .take(count.max(0) as usize)
-                        .find(|p| usable(p.status, p.memory, p.mathType))
-                        .map(|p| (Algo::BackwardFilter(p.algo), p.memory, p.mathType))
-                }
-            }
-        };
-        let Some((algo, workspace_bytes, math)) = chosen else {
-            bail!(
-                "conv2d: cuDNN found no usable {pass:?} algorithm for {shape:?} (TF32 {tf32}, \
-                 workspace {find_bytes} bytes)"
-            );
-        };
-        // The real runs use the measured math type (as PyTorch does), and never TF32 when it is
-        // disallowed.
-        let math = if tf32 {
-            math
-        } else {
-            sys::cudnnMathType_t::CUDNN_FMA_MATH
-        };
-        // SAFETY: a live convolution descriptor.
-        unsafe { cudnn_result::set_convolution_math_type(descriptors.conv.0, math) }
-            .map_err(cudnn_err("cudnnSetConvolutionMathType"))?;
-        Ok(Plan {
-            descriptors,
-            algo,
-            workspace_bytes,
-        })
-    }
-
-    /// The workspace each algorithm of `pass` needs (algorithms that do not support the shape
-    /// are left out).
-    fn workspace_sizes(&self, d: &Descriptors, pass: Pass) -> Vec<usize> {
-        use sys::cudnnConvolutionBwdDataAlgo_t as D;
-        use sys::cudnnConvolutionBwdFilterAlgo_t as F;
-        use sys::cudnnConvolutionFwdAlgo_t as A;
-        let h = self.handle.0;
-        // SAFETY: size queries on live descriptors.
-        unsafe {
-            match pass {
-                Pass::Forward => [
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
-                    A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
-                ]
-                .into_iter()
-                .filter_map(|algo| {
-                    cudnn_result::get_convolution_forward_workspace_size(
-                        h, d.x.0, d.w.0, d.conv.0, d.y.0, algo,
-                    )
-                    .ok()
-                })
-                .collect(),
-                Pass::BackwardData => [
-                    D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
-                    D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
-                    D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
-                    D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
-                    D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
-                    D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
-                ]
-                .into_iter()
-                .filter_map(|algo| {
-                    cudnn_result::get_convolution_backward_data_workspace_size(
-                        h, d.w.0, d.y.0, d.conv.0, d.x.0, algo,
-                    )
-                    .ok()
-                })
-                .collect(),
-                Pass::BackwardFilter => [
-                    F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
-                    F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
-                    F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
-                    F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
-                    F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD,
-                    F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
-                    F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
-                ]
-                .into_iter()
-                .filter_map(|algo| {
-                    cudnn_result::get_convolution_backward_filter_workspace_size(
-                        h, d.x.0, d.y.0, d.conv.0, d.w.0, algo,
-                    )
-                    .ok()
-                })
-                .collect(),
-            }
+            .filter_map(|algo| {
+                cudnn_result::get_convolution_forward_workspace_size(
+                    h, d.x.0, d.w.0, d.conv.0, d.y.0, algo,
+                )
+                .ok()
+            })
+            .collect(),
+            Pass::BackwardData => [
+                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+            ]
+            .into_iter()
+            .filter_map(|algo| {
+                cudnn_result::get_convolution_backward_data_workspace_size(
+                    h, d.w.0, d.y.0, d.conv.0, d.x.0, algo,
+                )
+                .ok()
+            })
+            .collect(),
+            Pass::BackwardFilter => [
+                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD,
+                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+            ]
+            .into_iter()
+            .filter_map(|algo| {
+                cudnn_result::get_convolution_backward_filter_workspace_size(
+                    h, d.x.0, d.y.0, d.conv.0, d.w.0, algo,
+                )
+                .ok()
+            })
+            .collect(),
         }
     }
 }
