@@ -158,21 +158,7 @@ fn cuda_finish(
         let spm = spm.ok_or(MixError::MissingSpm)?;
         let (samples, boxes): (Vec<usize>, Vec<PixelBox>) = plan.requests.iter().copied().unzip();
         let masses = spm.box_sums_tensor(&samples, &boxes)?.to_device(&device)?;
-        let mut snap_index = vec![-1.0f64; plan.lam_a.len()];
-        for (k, &i) in plan.snap.iter().enumerate() {
-            snap_index[i] = k as f64;
-        }
-        let table = (0..plan.lam_a.len())
-            .flat_map(|i| {
-                [
-                    plan.lam_a[i],
-                    plan.lam_b[i],
-                    plan.area_ratio[i],
-                    snap_index[i],
-                    params.perm[i] as f64,
-                ]
-            })
-            .collect();
+        let table = plan.label_table(params);
         crate::cuda::label_weights(&masses, targets, table, params.same_label_rule)?
     };
     let partners = Tensor::from_slice(&plan.label_partners, plan.lam_a.len(), targets.device())?;
@@ -301,6 +287,28 @@ impl Plan {
             snap,
             requests,
         }
+    }
+
+    /// The per-sample table of the CUDA label-weight kernel (`mix_label_weights` in mix.cu):
+    /// preset lam_a, preset lam_b, area ratio, index among the SnapMix pastes (-1 for none),
+    /// partner.
+    #[cfg(feature = "cuda")]
+    fn label_table(&self, params: &MixParams) -> Vec<f64> {
+        let mut snap_index = vec![-1.0f64; self.lam_a.len()];
+        for (k, &i) in self.snap.iter().enumerate() {
+            snap_index[i] = k as f64;
+        }
+        (0..self.lam_a.len())
+            .flat_map(|i| {
+                [
+                    self.lam_a[i],
+                    self.lam_b[i],
+                    self.area_ratio[i],
+                    snap_index[i],
+                    params.perm[i] as f64,
+                ]
+            })
+            .collect()
     }
 
     /// The label weights `(lam_a, lam_b)` on the host: SnapMix samples from the masses
