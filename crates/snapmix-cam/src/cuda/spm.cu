@@ -59,12 +59,16 @@ __device__ double box_sum_raw(const float* plane, int h, int w, int rows, int co
     double* row_terms = shared + h + w;
     if (r1 <= r0 || c1 <= c0) return 0.0;
     // `Taps::source_weights`: each source index accumulates its weight over the output range
-    // in increasing order, so the f64 sums round exactly as on the CPU.
+    // in increasing order, so the f64 sums round exactly as on the CPU. Only the outputs whose
+    // source position lies in [src - 1, src + 1) can read `src`: that window (widened by two
+    // outputs on each side against rounding) is all that is visited.
     for (int s = threadIdx.x; s < h + w; s += blockDim.x) {
         bool is_row = s < h;
         int src = is_row ? s : s - h;
         int in_size = is_row ? h : w, out_size = is_row ? rows : cols;
-        int lo = is_row ? r0 : c0, hi = is_row ? r1 : c1;
+        float outputs_per_input = (float)out_size / (float)in_size;
+        int lo = max(is_row ? r0 : c0, (int)floorf((src - 0.5f) * outputs_per_input - 0.5f) - 2);
+        int hi = min(is_row ? r1 : c1, (int)ceilf((src + 1.5f) * outputs_per_input - 0.5f) + 2);
         double acc = 0.0;
         for (int d = lo; d < hi; ++d) {
             Tap t = tap(in_size, out_size, d);
@@ -144,11 +148,13 @@ extern "C" __global__ void spm_stats(const float* cam, double* stats, int h, int
         hi = fmaxf(hi, v);
         bad |= !isfinite(v);
     }
+    // One warp per candidate row (few rows are extreme), its lanes across the columns.
     float low = INFINITY;
-    for (int r = 0; r < rows; ++r) {
+    int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int r = threadIdx.x / 32; r < rows; r += warps) {
         if (!extreme(h, rows, r)) continue;
         Tap tr = tap(h, rows, r);
-        for (int c = threadIdx.x; c < cols; c += blockDim.x)
+        for (int c = lane; c < cols; c += 32)
             low = fminf(low, upsampled(plane, h, w, tr, tap(w, cols, c)));
     }
     red_lo[threadIdx.x] = lo;
