@@ -279,7 +279,8 @@ fn cuda_spm(inputs: &Inputs<'_>) -> Result<Spm> {
         None => Tensor::zeros(weight.dims()[0], DType::F32, device)?,
     };
     let features = inputs.features.contiguous()?;
-    let targets = inputs.targets.contiguous()?;
+    // Labels may live on the host while the features are on the GPU: B values to upload.
+    let targets = inputs.targets.to_device(device)?.contiguous()?;
     let cam = crate::cuda::cam(&features, &weight, &bias, &targets)?;
     let stats = crate::cuda::stats(&cam, inputs.rows, inputs.cols)?;
     Ok(Spm {

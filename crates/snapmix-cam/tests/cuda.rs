@@ -225,3 +225,25 @@ fn degenerate_cams_match_the_cpu() {
     case.bias = None;
     case.check("degenerate, no bias", &gpu, &mut rng);
 }
+
+#[test]
+fn host_labels_with_gpu_features_match_the_cpu() {
+    let Some(gpu) = gpu("host_labels_with_gpu_features_match_the_cpu") else {
+        return;
+    };
+    let mut rng = Lcg(11);
+    let case = Case::random(&mut rng, [3, 9, 4, 6], 5, (19, 23));
+    let features = Tensor::from_slice(&case.features, &case.dims[..], &gpu).unwrap();
+    let weight = Tensor::from_slice(&case.weight, (5, 9), &gpu).unwrap();
+    let labels = Tensor::from_slice(&case.labels, 3, &Device::Cpu).unwrap();
+    let cuda = semantic_percent_maps(&features, &weight, None, &labels, case.size).unwrap();
+    let mut host_case = case;
+    host_case.bias = None;
+    let cpu = host_case.spm(&Device::Cpu);
+    assert_close("host labels cam", &host(cuda.cam()), &host(cpu.cam()));
+    assert_close(
+        "host labels maps",
+        &host(&cuda.maps().unwrap()),
+        &host(&cpu.maps().unwrap()),
+    );
+}

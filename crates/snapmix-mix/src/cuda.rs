@@ -43,7 +43,8 @@ pub(crate) fn mix_in_place(images: &Tensor, pastes: &[Paste]) -> Result<()> {
 
 /// `(lam_a, lam_b)` `[B]` f32 from the presets and, for SnapMix samples, the box masses.
 /// `table` holds per sample: preset lam_a, preset lam_b, area ratio of box_a, index among the
-/// SnapMix pastes (-1 for none), partner; `masses` `[4 * pastes]` f64 on the GPU.
+/// SnapMix pastes (-1 for none), partner; `masses` `[4 * pastes]` f64 on the GPU, where the
+/// results are too.
 pub(crate) fn label_weights(
     masses: &Tensor,
     targets: &Tensor,
@@ -51,8 +52,13 @@ pub(crate) fn label_weights(
     same_label_rule: bool,
 ) -> Result<(Tensor, Tensor)> {
     let batch = targets.dims1()?;
-    let table = Tensor::from_vec(table, (batch, 5), targets.device())?;
-    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+    let device = masses.device();
+    let table = Tensor::from_vec(table, (batch, 5), device)?;
+    // Labels may live on the host while the images are on the GPU: B values to upload.
+    let targets = targets
+        .to_device(device)?
+        .to_dtype(DType::U32)?
+        .contiguous()?;
     let lams = masses.contiguous()?.apply_op2_no_bwd(
         &targets,
         &LabelWeightsOp {

@@ -327,3 +327,38 @@ fn edge_cases_match_the_cpu() {
     single.make_degenerate(0);
     check("batch of one, degenerate", &single, &params, &gpu);
 }
+
+#[test]
+fn host_labels_with_gpu_images_match_the_cpu() {
+    let Some(gpu) = gpu("host_labels_with_gpu_images_match_the_cpu") else {
+        return;
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let batch = Batch::random(&mut rng, [3, 3, 15, 14]);
+    let params = MixConfig::new(Method::SnapMix)
+        .sample(&mut rng, 3, 15, 14)
+        .unwrap();
+    let want = batch.mix(&params, &Device::Cpu, false);
+    let images = Tensor::from_slice(&batch.images, &batch.dims[..], &gpu).unwrap();
+    let features =
+        Tensor::from_slice(&batch.features, (3, CHANNELS, GRID.0, GRID.1), &gpu).unwrap();
+    let weight = Tensor::from_slice(&batch.weight, (CLASSES, CHANNELS), &gpu).unwrap();
+    let bias = Tensor::zeros(CLASSES, DType::F32, &gpu).unwrap();
+    let labels = Tensor::from_slice(&batch.labels, 3, &Device::Cpu).unwrap();
+    let spm = semantic_percent_maps(&features, &weight, Some(&bias), &labels, (15, 14)).unwrap();
+    let mixed = apply(&params, &images, &labels, Some(&spm)).unwrap();
+    let floats = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let scale = want
+        .images
+        .iter()
+        .fold(0f64, |m, &v| m.max(f64::from(v).abs()));
+    assert_close(
+        "host labels images",
+        &floats(&mixed.images),
+        &want.images,
+        scale,
+    );
+    assert_eq!(mixed.targets_b.to_vec1::<u32>().unwrap(), want.targets_b);
+    assert_close("host labels lam_a", &floats(&mixed.lam_a), &want.lam_a, 1.0);
+    assert_close("host labels lam_b", &floats(&mixed.lam_b), &want.lam_b, 1.0);
+}
