@@ -2,8 +2,8 @@
 # scripts/device/run.sh — runs the device kit (built here by scripts/device/build.sh) on the lent
 # GPU machine, from the repository root: unpacks target/device-kit/kit.tar.xz, sources
 # device-env.sh, then runs each step with its own timeout, logs and JSON under $OUT:
-#   cam-cuda   snapmix-cam's CPU-vs-CUDA kernel tests
-#   mix-cuda   snapmix-mix's CPU-vs-CUDA kernel tests
+#   cam-cuda   snapmix-cam's CPU-vs-CUDA kernel tests (a skip for lack of a GPU is a failure)
+#   mix-cuda   snapmix-mix's CPU-vs-CUDA kernel tests (likewise)
 #   golden     the golden test on the GPU (SNAPMIX_TEST_DEVICE=cuda)
 #   bench-mix  xtask --device cuda bench-mix --batches 16,32,64 (-> $OUT/bench-mix.json)
 #   torch-spm  python3 torch_baseline.py --sections spm (-> $OUT/torch_baseline_spm.json)
@@ -62,8 +62,18 @@ step() {
   tail -n 15 "$OUT/$name.log" >&2
 }
 
-wanted cam-cuda && step cam-cuda "${CAM_TIMEOUT:-120}" "$KIT/bin/snapmix_cam.cuda" --test-threads=1 --nocapture
-wanted mix-cuda && step mix-cuda "${MIX_TIMEOUT:-180}" "$KIT/bin/snapmix_mix.cuda" --test-threads=1 --nocapture
+# The CUDA tests pass by skipping when no GPU is visible: on the device, a skip is a failure.
+gpu_tests() {
+  local name="$1"; shift
+  wanted "$name" || return 0
+  step "$name" "$@"
+  if grep -q "skipped for lack of a device" "$OUT/$name.log"; then
+    say "$name: the tests found no CUDA device (skipped): counted as a failure"
+    failures=$((failures + 1))
+  fi
+}
+gpu_tests cam-cuda "${CAM_TIMEOUT:-120}" "$KIT/bin/snapmix_cam.cuda" --test-threads=1 --nocapture
+gpu_tests mix-cuda "${MIX_TIMEOUT:-180}" "$KIT/bin/snapmix_mix.cuda" --test-threads=1 --nocapture
 wanted golden && step golden "${GOLDEN_TIMEOUT:-120}" env SNAPMIX_TEST_DEVICE=cuda \
   SNAPMIX_GOLDEN_DIR="$KIT/golden/mix" "$KIT/bin/snapmix_mix.golden" --nocapture
 if wanted bench-mix; then
