@@ -290,22 +290,38 @@ impl CustomOp3 for BatchNormOp {
 /// to ~1e-7 over one image row; rows are then summed in f64.
 const LANES: usize = 16;
 
-/// Sums of both halves of the pairs `f(i)` over `0..len`, each in LANES f32 partial sums,
-/// returned as f64: one pass where two separate sums would read the data twice.
+/// Sums of both halves of `pair(a[i], b[i], c[i])` over three rows of equal length, each in
+/// LANES f32 partial sums, returned as f64: one pass where two separate sums would read the
+/// data twice, over fixed-size chunks so that it vectorises.
 #[inline(always)]
-fn lane_sums(len: usize, mut f: impl FnMut(usize) -> (f32, f32)) -> (f64, f64) {
+fn lane_sums(
+    a: &[f32],
+    b: &[f32],
+    c: &[f32],
+    pair: impl Fn(f32, f32, f32) -> (f32, f32),
+) -> (f64, f64) {
+    let (b, c) = (&b[..a.len()], &c[..a.len()]);
     let (mut acc0, mut acc1) = ([0.0f32; LANES], [0.0f32; LANES]);
-    let full = len / LANES * LANES;
-    for start in (0..full).step_by(LANES) {
+    let (a_chunks, b_chunks, c_chunks) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    let tails = (
+        a_chunks.remainder(),
+        b_chunks.remainder(),
+        c_chunks.remainder(),
+    );
+    for ((a, b), c) in a_chunks.zip(b_chunks).zip(c_chunks) {
         for lane in 0..LANES {
-            let (v0, v1) = f(start + lane);
+            let (v0, v1) = pair(a[lane], b[lane], c[lane]);
             acc0[lane] += v0;
             acc1[lane] += v1;
         }
     }
     let (mut tail0, mut tail1) = (0.0f32, 0.0f32);
-    for i in full..len {
-        let (v0, v1) = f(i);
+    for ((&a, &b), &c) in tails.0.iter().zip(tails.1).zip(tails.2) {
+        let (v0, v1) = pair(a, b, c);
         tail0 += v0;
         tail1 += v1;
     }
@@ -330,8 +346,8 @@ fn channel_stats(dims: &BnDims, x: &[f32], eps: f32) -> BatchStats {
             let (mut sum, mut sum_sq) = (0.0f64, 0.0f64);
             for n in 0..batch {
                 let row = &x[(n * channels + c) * pixels..][..pixels];
-                let (row_sum, row_sum_sq) = lane_sums(pixels, |i| {
-                    let centred = row[i] - shift;
+                let (row_sum, row_sum_sq) = lane_sums(row, row, row, |x, _, _| {
+                    let centred = x - shift;
                     (centred, centred * centred)
                 });
                 sum += row_sum;
@@ -387,6 +403,11 @@ fn min_rows_per_task(pixels: usize) -> usize {
     (4096 / pixels.max(1)).max(1)
 }
 
+/// The `pixels` values of one channel of one image, from `start`.
+fn plane(data: &[f32], start: usize, pixels: usize) -> &[f32] {
+    &data[start..start + pixels]
+}
+
 /// What the backward pass reads.
 struct BackwardInputs<'a> {
     x: &'a [f32],
@@ -406,14 +427,16 @@ fn backward(dims: &BnDims, inp: BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, 
         channels,
         pixels,
     } = *dims;
-    let masked = |row_start: usize, i: usize| -> f32 {
-        let g = inp.grad[row_start + i];
-        if inp.relu && inp.out[row_start + i] <= 0.0 {
+    // The output gradient where the fused ReLU let the value through, else 0.
+    let relu = inp.relu;
+    let masked = move |g: f32, out: f32| -> f32 {
+        if relu && out <= 0.0 {
             0.0
         } else {
             g
         }
     };
+    let image_row = |data, start| plane(data, start, pixels);
     let sums: Vec<(f32, f32)> = (0..channels)
         .into_par_iter()
         .map(|c| {
@@ -421,9 +444,14 @@ fn backward(dims: &BnDims, inp: BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, 
             let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
             for n in 0..batch {
                 let start = (n * channels + c) * pixels;
-                let (g, gx) = lane_sums(pixels, |i| {
-                    let g = masked(start, i);
-                    (g, g * (inp.x[start + i] - mean))
+                let (grad, out, x) = (
+                    image_row(inp.grad, start),
+                    image_row(inp.out, start),
+                    image_row(inp.x, start),
+                );
+                let (g, gx) = lane_sums(grad, out, x, |g, out, x| {
+                    let g = masked(g, out);
+                    (g, g * (x - mean))
                 });
                 sum_g += g;
                 sum_gx += gx;
@@ -451,8 +479,13 @@ fn backward(dims: &BnDims, inp: BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, 
             let a = inp.gamma[c] * inv_std;
             let b = -a * inv_std * grad_gamma[c] / count;
             let d = -a * grad_beta[c] / count - b * inp.stats.mean[c];
-            for (i, o) in dst.iter_mut().enumerate() {
-                o.write(a * masked(start, i) + b * inp.x[start + i] + d);
+            let (grad, out, x) = (
+                image_row(inp.grad, start),
+                image_row(inp.out, start),
+                image_row(inp.x, start),
+            );
+            for (o, ((&g, &out), &x)) in dst.iter_mut().zip(grad.iter().zip(out).zip(x)) {
+                o.write(a * masked(g, out) + b * x + d);
             }
         });
     // SAFETY: the rows above cover all `inp.x.len()` elements.
