@@ -1,7 +1,9 @@
 //! Conv2d for training as one candle CustomOp: on the CPU, im2col + GEMM forward and, in
 //! backward, a GEMM each for the weight and input gradients (col2im), parallel with rayon.
 
-use super::cpu::{cpu_tensor, matmul, storage_f32, with_tensor_f32, MatRef, Scratch};
+use super::cpu::{
+    cpu_tensor, matmul, matmul_serial, storage_f32, with_tensor_f32, MatRef, Scratch,
+};
 use candle_core::{bail, CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -96,6 +98,14 @@ impl ConvGeometry {
     /// A 1x1, stride-1, unpadded conv: the im2col matrix is the input itself, channel-major.
     fn is_pointwise(&self) -> bool {
         self.kernel_rows == 1 && self.kernel_cols == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// A pointwise conv with enough pixels per image, and images for every thread: then one
+    /// GEMM per image straight on the NCHW data beats im2col, a batch-wide GEMM and reorders.
+    fn runs_per_image(&self) -> bool {
+        self.is_pointwise()
+            && self.out_pixels() >= PER_IMAGE_MIN_PIXELS
+            && self.batch >= rayon::current_num_threads()
     }
 
     fn out_shape(&self) -> Shape {
@@ -198,8 +208,19 @@ impl CustomOp2 for Conv2dOp {
     }
 }
 
+/// Output pixels per image from which a pointwise conv runs one GEMM per image (see
+/// [`ConvGeometry::runs_per_image`]); below it the GEMMs get too thin to pay.
+const PER_IMAGE_MIN_PIXELS: usize = 128;
+
+/// Images whose weight-gradient GEMMs accumulate into one partial sum; the partials are then
+/// added in order, so the result does not depend on the thread count or on scheduling.
+const IMAGES_PER_PARTIAL: usize = 4;
+
 /// Forward: out = W [O, C*KH*KW] * col [C*KH*KW, N*P], then reordered to NCHW.
 fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
+    if g.runs_per_image() {
+        return forward_per_image(g, x, weight);
+    }
     let (k, np) = (g.patch_len(), g.batch * g.out_pixels());
     let mut col = Scratch::take(k * np);
     im2col(g, x, &mut col);
@@ -215,6 +236,68 @@ fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// Pointwise forward, one GEMM per image: out[n] [O, P] = W [O, C] * x[n] [C, P].
+fn forward_per_image(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
+    let (c, o, p) = (g.in_channels, g.out_channels, g.out_pixels());
+    let weight = MatRef::row_major(weight, o, c);
+    let mut out = vec![0.0; g.batch * o * p];
+    out.par_chunks_mut(o * p)
+        .zip(x.par_chunks(c * p))
+        .try_for_each(|(out, image)| {
+            matmul_serial(out, false, weight, MatRef::row_major(image, c, p))
+        })?;
+    Ok(out)
+}
+
+/// Pointwise backward, per image: grad_w = sum_n dY[n] x[n]^T, grad_x[n] = W^T dY[n].
+fn backward_per_image(
+    g: &ConvGeometry,
+    x: &[f32],
+    weight: &[f32],
+    grad_out: &[f32],
+    input_grad: bool,
+) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+    let (c, o, p) = (g.in_channels, g.out_channels, g.out_pixels());
+    let partials = grad_out
+        .par_chunks(IMAGES_PER_PARTIAL * o * p)
+        .zip(x.par_chunks(IMAGES_PER_PARTIAL * c * p))
+        .map(|(grads, images)| {
+            let mut partial = vec![0.0; o * c];
+            for (i, (grad, image)) in grads.chunks(o * p).zip(images.chunks(c * p)).enumerate() {
+                matmul_serial(
+                    &mut partial,
+                    i > 0,
+                    MatRef::row_major(grad, o, p),
+                    MatRef::row_major(image, c, p).t(),
+                )?;
+            }
+            Ok(partial)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut partials = partials.into_iter();
+    let mut grad_w = partials.next().unwrap_or_else(|| vec![0.0; o * c]);
+    for partial in partials {
+        for (sum, value) in grad_w.iter_mut().zip(&partial) {
+            *sum += value;
+        }
+    }
+
+    let grad_x = if input_grad {
+        let weight_t = MatRef::row_major(weight, o, c).t();
+        let mut grad_x = vec![0.0; g.batch * c * p];
+        grad_x
+            .par_chunks_mut(c * p)
+            .zip(grad_out.par_chunks(o * p))
+            .try_for_each(|(grad_x, grad)| {
+                matmul_serial(grad_x, false, weight_t, MatRef::row_major(grad, o, p))
+            })?;
+        Some(grad_x)
+    } else {
+        None
+    };
+    Ok((grad_x, grad_w))
+}
+
 /// Backward: grad_w = dY [O, N*P] * col^T, and (if wanted) grad_x = col2im(W^T * dY).
 fn backward(
     g: &ConvGeometry,
@@ -223,6 +306,9 @@ fn backward(
     grad_out: &[f32],
     input_grad: bool,
 ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+    if g.runs_per_image() {
+        return backward_per_image(g, x, weight, grad_out, input_grad);
+    }
     let (k, np) = (g.patch_len(), g.batch * g.out_pixels());
     let mut grad_cm = Scratch::take(g.out_channels * np);
     to_channel_major(
@@ -453,6 +539,8 @@ mod tests {
         check([2, 5, 9, 9], [6, 5, 3, 3], 2, 1)?; // downsampling 3x3
         check([2, 5, 9, 7], [6, 5, 1, 1], 1, 0)?; // bottleneck 1x1
         check([3, 5, 9, 7], [6, 5, 1, 1], 2, 0)?; // projection shortcut
+        check([9, 6, 12, 11], [5, 6, 1, 1], 1, 0)?; // 1x1 per image, partials of 4 + 4 + 1
+        check([2, 4, 16, 8], [7, 4, 1, 1], 1, 0)?; // 1x1 per image, one partial
         check([1, 2, 4, 4], [3, 2, 3, 3], 3, 2) // stride larger than the kernel reach
     }
 

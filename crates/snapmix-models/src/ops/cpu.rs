@@ -165,6 +165,26 @@ impl<'a> MatRef<'a> {
 /// `dst = lhs * rhs` (or `dst += lhs * rhs` when `accumulate`), with `dst` row-major
 /// `lhs.rows x rhs.cols`; multi-threaded through the `gemm` crate on rayon's pool.
 pub(crate) fn matmul(dst: &mut [f32], accumulate: bool, lhs: MatRef, rhs: MatRef) -> Result<()> {
+    gemm_into(dst, accumulate, lhs, rhs, true)
+}
+
+/// [`matmul`] on the calling thread only, for GEMMs that are themselves tasks of a parallel loop.
+pub(crate) fn matmul_serial(
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: MatRef,
+    rhs: MatRef,
+) -> Result<()> {
+    gemm_into(dst, accumulate, lhs, rhs, false)
+}
+
+fn gemm_into(
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: MatRef,
+    rhs: MatRef,
+    parallel: bool,
+) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     if rhs.rows != k || dst.len() != m * n || !lhs.in_bounds() || !rhs.in_bounds() {
         bail!(
@@ -183,7 +203,7 @@ pub(crate) fn matmul(dst: &mut [f32], accumulate: bool, lhs: MatRef, rhs: MatRef
         return Ok(());
     }
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
+    let parallelism = if parallel && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
