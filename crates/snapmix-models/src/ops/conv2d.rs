@@ -231,9 +231,12 @@ fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
         MatRef::row_major(weight, g.out_channels, k),
         MatRef::row_major(&col, k, np),
     )?;
-    let mut out = vec![0.0; g.batch * g.out_channels * g.out_pixels()];
-    from_channel_major(&out_cm, g.batch, g.out_channels, g.out_pixels(), &mut out);
-    Ok(out)
+    Ok(from_channel_major(
+        &out_cm,
+        g.batch,
+        g.out_channels,
+        g.out_pixels(),
+    ))
 }
 
 /// Pointwise forward, one GEMM per image: out[n] [O, P] = W [O, C] * x[n] [C, P].
@@ -341,20 +344,13 @@ fn backward(
             grad_cm,
         )?;
         let image_pixels = g.rows * g.cols;
-        let mut grad_x = vec![0.0; g.batch * g.in_channels * image_pixels];
-        if g.is_pointwise() {
-            from_channel_major(&grad_col, g.batch, g.in_channels, image_pixels, &mut grad_x);
+        let grad_x = if g.is_pointwise() {
+            from_channel_major(&grad_col, g.batch, g.in_channels, image_pixels)
         } else {
-            let mut grad_x_cm = Scratch::take(grad_x.len());
+            let mut grad_x_cm = Scratch::take(g.batch * g.in_channels * image_pixels);
             col2im(g, &grad_col, &mut grad_x_cm);
-            from_channel_major(
-                &grad_x_cm,
-                g.batch,
-                g.in_channels,
-                image_pixels,
-                &mut grad_x,
-            );
-        }
+            from_channel_major(&grad_x_cm, g.batch, g.in_channels, image_pixels)
+        };
         Some(grad_x)
     } else {
         None
@@ -466,20 +462,40 @@ fn col2im(g: &ConvGeometry, col: &[f32], image_cm: &mut [f32]) {
         });
 }
 
-/// `[N, C, P]` -> `[C, N*P]`.
-fn to_channel_major(src: &[f32], batch: usize, channels: usize, pixels: usize, dst: &mut [f32]) {
-    dst.par_chunks_mut(pixels).enumerate().for_each(|(i, d)| {
-        let (c, n) = (i / batch, i % batch);
-        d.copy_from_slice(&src[(n * channels + c) * pixels..][..pixels]);
-    });
+/// Planes (`pixels` values) per rayon task in the reorders: small feature maps would otherwise
+/// make one task per handful of values.
+fn min_planes_per_task(pixels: usize) -> usize {
+    (4096 / pixels.max(1)).max(1)
 }
 
-/// `[C, N*P]` -> `[N, C, P]`.
-fn from_channel_major(src: &[f32], batch: usize, channels: usize, pixels: usize, dst: &mut [f32]) {
-    dst.par_chunks_mut(pixels).enumerate().for_each(|(i, d)| {
-        let (n, c) = (i / channels, i % channels);
-        d.copy_from_slice(&src[(c * batch + n) * pixels..][..pixels]);
-    });
+/// `[N, C, P]` -> `[C, N*P]`.
+fn to_channel_major(src: &[f32], batch: usize, channels: usize, pixels: usize, dst: &mut [f32]) {
+    dst.par_chunks_mut(pixels)
+        .enumerate()
+        .with_min_len(min_planes_per_task(pixels))
+        .for_each(|(i, d)| {
+            let (c, n) = (i / batch, i % batch);
+            d.copy_from_slice(&src[(n * channels + c) * pixels..][..pixels]);
+        });
+}
+
+/// `[C, N*P]` -> a new `[N, C, P]` buffer (written once, never zero-filled first).
+fn from_channel_major(src: &[f32], batch: usize, channels: usize, pixels: usize) -> Vec<f32> {
+    let len = batch * channels * pixels;
+    let mut dst = Vec::with_capacity(len);
+    dst.spare_capacity_mut()
+        .par_chunks_mut(pixels)
+        .enumerate()
+        .with_min_len(min_planes_per_task(pixels))
+        .for_each(|(i, d)| {
+            let (n, c) = (i / channels, i % channels);
+            for (d, &s) in d.iter_mut().zip(&src[(c * batch + n) * pixels..][..pixels]) {
+                d.write(s);
+            }
+        });
+    // SAFETY: the planes above cover all `len` elements.
+    unsafe { dst.set_len(len) };
+    dst
 }
 
 #[cfg(test)]
