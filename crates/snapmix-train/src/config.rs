@@ -574,9 +574,11 @@ fn synthetic_preset() -> TrainConfig {
     config.model.base_width = 16;
     config.optim.lr_body = 0.05;
     config.optim.lr_new = 0.05;
+    // 50 epochs: 30 with milestones [20, 26] ended anywhere from 87.6% to 100% depending on the
+    // seed and even on the GEMM kernels' rounding; 50 converged for every run tried (docs).
     config.schedule = ScheduleSettings {
-        epochs: 30,
-        milestones: vec![20, 26],
+        epochs: 50,
+        milestones: vec![35, 45],
         gamma: 0.1,
     };
     config.run.log_every_steps = 10;
