@@ -22,7 +22,7 @@
 //! assert_eq!(spm.cam().dims(), &[2, 4, 4]);
 //! // Each non-degenerate map sums to one; a box holds a share of that mass.
 //! let whole = spm.box_sums(&[0, 1], &[PixelBox::full(32, 32); 2])?;
-//! for (mass, degenerate) in whole.iter().zip(spm.degenerate()) {
+//! for (mass, degenerate) in whole.iter().zip(spm.degenerate()?) {
 //!     assert!(degenerate || (mass - 1.0).abs() < 1e-6);
 //! }
 //! # Ok(())

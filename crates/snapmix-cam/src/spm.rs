@@ -69,14 +69,9 @@ impl Spm {
 
     /// Per sample: `true` where the SPM is undefined (constant or non-finite CAM).
     ///
-    /// On a GPU this reads the flags back (a device synchronisation). Should that read fail (a
-    /// broken CUDA context) every sample is reported degenerate, so that a mixer falls back to
-    /// area label weights instead of using masses it cannot know.
-    pub fn degenerate(&self) -> Vec<bool> {
-        match self.host_norms() {
-            Ok(norms) => norms.iter().map(|n| n.degenerate).collect(),
-            Err(_) => vec![true; self.batch()],
-        }
+    /// On a GPU this reads the flags back (a device synchronisation), which can fail.
+    pub fn degenerate(&self) -> Result<Vec<bool>> {
+        Ok(self.host_norms()?.iter().map(|n| n.degenerate).collect())
     }
 
     /// Batch size B.

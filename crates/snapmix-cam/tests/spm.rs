@@ -63,7 +63,11 @@ fn fused_matches_composed_for_many_shapes() {
         let composed =
             semantic_percent_maps_composed(&features, &weight, Some(&bias), &targets, (rows, cols))
                 .unwrap();
-        assert_eq!(fused.degenerate(), composed.degenerate(), "shape {k}");
+        assert_eq!(
+            fused.degenerate().unwrap(),
+            composed.degenerate().unwrap(),
+            "shape {k}"
+        );
         let (f, r) = (maps(&fused), maps(&composed));
         let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(
@@ -76,7 +80,7 @@ fn fused_matches_composed_for_many_shapes() {
         assert!(max_abs_diff(&cam_f, &cam_r) < 1e-5);
         // 1x1 CAMs are constant: degenerate.
         assert_eq!(
-            fused.degenerate().iter().all(|&d| d),
+            fused.degenerate().unwrap().iter().all(|&d| d),
             h * w == 1,
             "shape {k}"
         );
@@ -134,7 +138,7 @@ fn all_zero_cam_is_degenerate_not_a_panic() {
         semantic_percent_maps_composed(&features, &weight, Some(&bias), &targets, (12, 12))
             .unwrap(),
     ] {
-        assert_eq!(spm.degenerate(), vec![false, true]);
+        assert_eq!(spm.degenerate().unwrap(), vec![false, true]);
         let m = maps(&spm);
         assert!(m[144..].iter().all(|&v| v == 0.0));
         let sums = spm.box_sums(&[0, 1], &[PixelBox::full(12, 12); 2]).unwrap();
@@ -154,7 +158,7 @@ fn non_finite_features_are_degenerate() {
     let weight = Tensor::new(&[[1.0f32, 1.0]], &Device::Cpu).unwrap();
     let targets = Tensor::new(&[0u32], &Device::Cpu).unwrap();
     let spm = semantic_percent_maps(&features, &weight, None, &targets, (4, 4)).unwrap();
-    assert_eq!(spm.degenerate(), vec![true]);
+    assert_eq!(spm.degenerate().unwrap(), vec![true]);
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 /// SPM mass of `(sample, box)` requests with `narrow` + `sum` on the maps, one reduction per
 /// distinct box over the whole batch; NaN for degenerate samples.
 pub(crate) fn box_sums(spm: &Spm, requests: &[(usize, PixelBox)]) -> Result<Vec<f64>> {
-    let degenerate = spm.degenerate();
+    let degenerate = spm.degenerate()?;
     let mut per_box: HashMap<PixelBox, Vec<f64>> = HashMap::new();
     for &(_, bbox) in requests {
         if per_box.contains_key(&bbox) {

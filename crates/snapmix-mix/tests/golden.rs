@@ -222,7 +222,12 @@ fn check_spm(what: &str, spm: &Spm, want: &[f32]) -> CaseResult {
         return Err(format!("{what}: {} values, want {}", got.len(), want.len()));
     }
     let plane = want.len() / spm.batch();
-    for (b, degenerate) in spm.degenerate().into_iter().enumerate() {
+    for (b, degenerate) in spm
+        .degenerate()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .enumerate()
+    {
         let want_nan = want[b * plane..(b + 1) * plane].iter().any(|v| v.is_nan());
         if want_nan != degenerate {
             return Err(format!("{what}: sample {b} degenerate = {degenerate}, but the expected map has NaN = {want_nan}"));

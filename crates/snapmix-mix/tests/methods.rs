@@ -417,7 +417,7 @@ fn same_label_rule_adds_both_weights_only_when_on() {
 fn degenerate_spm_falls_back_to_area_weights() {
     let labels = targets(&[0, 1, 2, 3]);
     let spm = spm_for(&labels, &[1]);
-    assert_eq!(spm.degenerate(), vec![false, true, false, false]);
+    assert_eq!(spm.degenerate().unwrap(), vec![false, true, false, false]);
     let (box_a, box_b) = (PixelBox::new(0, 0, 6, 5), PixelBox::new(2, 2, 10, 10));
     let m = both(
         &params(Method::SnapMix, &[1, 2, 3, 0], box_a, box_b, 0.5),

@@ -176,7 +176,7 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
             let lam_a = mixed.lam_a.to_vec1::<f32>()?;
             let lam_b = mixed.lam_b.to_vec1::<f32>()?;
             let plane = size * size;
-            let degenerate = spms.cam.degenerate();
+            let degenerate = spms.cam.degenerate()?;
             for (i, &partner) in params.perm.iter().enumerate() {
                 if batch.label_values[i] == batch.label_values[partner] {
                     continue; // Same class: no two labels to tell apart.

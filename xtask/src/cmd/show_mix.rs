@@ -253,7 +253,7 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
 
     let pictures = denormalise(&batch.images)?;
     let heat = spm.maps()?.to_dtype(DType::F32)?.to_vec3::<f32>()?;
-    let degenerate = spm.degenerate();
+    let degenerate = spm.degenerate()?;
     let scale = tile as f32 / size as f32;
     for i in 0..len {
         let partner = perm[i];
