@@ -1,7 +1,7 @@
 //! Training-mode BatchNorm (optionally followed by ReLU) as one fused candle CustomOp per
 //! direction: one pass for the batch statistics, one for the output; backward likewise.
 
-use super::cpu::{cpu_tensor, storage_f32, with_tensor_f32};
+use super::cpu::{cpu_tensor, min_planes_per_task, storage_f32, with_tensor_f32};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
@@ -377,7 +377,7 @@ fn normalise(
         .par_chunks_mut(dims.pixels)
         .zip(x.par_chunks(dims.pixels))
         .enumerate()
-        .with_min_len(min_rows_per_task(dims.pixels))
+        .with_min_len(min_planes_per_task(dims.pixels))
         .for_each(|(i, (out_row, x_row))| {
             let c = i % dims.channels;
             let scale = gamma[c] * stats.inv_std[c];
@@ -395,12 +395,6 @@ fn normalise(
     // SAFETY: the rows above cover all `x.len()` elements.
     unsafe { out.set_len(x.len()) };
     out
-}
-
-/// Rows (one channel of one image) per rayon task: small feature maps (2x2 in layer4 at low
-/// resolution) would otherwise make one task per handful of values.
-fn min_rows_per_task(pixels: usize) -> usize {
-    (4096 / pixels.max(1)).max(1)
 }
 
 /// The `pixels` values of one channel of one image, from `start`.
@@ -471,7 +465,7 @@ fn backward(dims: &BnDims, inp: BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, 
         .spare_capacity_mut()
         .par_chunks_mut(pixels)
         .enumerate()
-        .with_min_len(min_rows_per_task(pixels))
+        .with_min_len(min_planes_per_task(pixels))
         .for_each(|(row, dst)| {
             let c = row % channels;
             let start = row * pixels;

@@ -2,7 +2,8 @@
 //! backward, a GEMM each for the weight and input gradients (col2im), parallel with rayon.
 
 use super::cpu::{
-    cpu_tensor, matmul, matmul_serial, storage_f32, with_tensor_f32, MatRef, Scratch,
+    cpu_tensor, matmul, matmul_serial, min_planes_per_task, storage_f32, with_tensor_f32, MatRef,
+    Scratch,
 };
 use candle_core::{bail, CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -460,12 +461,6 @@ fn col2im(g: &ConvGeometry, col: &[f32], image_cm: &mut [f32]) {
                 }
             }
         });
-}
-
-/// Planes (`pixels` values) per rayon task in the reorders: small feature maps would otherwise
-/// make one task per handful of values.
-fn min_planes_per_task(pixels: usize) -> usize {
-    (4096 / pixels.max(1)).max(1)
 }
 
 /// `[N, C, P]` -> `[C, N*P]`.

@@ -47,6 +47,13 @@ pub(crate) fn cpu_tensor(data: Vec<f32>, shape: impl Into<Shape>) -> Result<Tens
     Tensor::from_vec(data, shape, &Device::Cpu)
 }
 
+/// Image planes (one channel of one image, `pixels` values) per rayon task in the elementwise
+/// passes: small feature maps (2x2 in layer4 at low resolution) would otherwise make one task
+/// per handful of values.
+pub(crate) fn min_planes_per_task(pixels: usize) -> usize {
+    (4096 / pixels.max(1)).max(1)
+}
+
 /// Buffers kept per thread between calls: the im2col matrices of a training step are the same
 /// few sizes every step, so after the first step no large scratch allocation happens.
 const MAX_POOLED_BUFFERS: usize = 4;
