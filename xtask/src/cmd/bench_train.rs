@@ -235,32 +235,7 @@ fn time_steps(config: &BenchConfig, args: &Args, composed: bool) -> Result<Timin
     set_composed_ops(composed);
     let result = (|| {
         let device = Device::Cpu;
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-        let model = ResNet::new(config.arch, args.classes, None, vb)?;
-        model.init_weights(0)?;
-        let params = model
-            .named_parameters()
-            .iter()
-            .map(|(name, tensor)| {
-                Ok(NamedVar {
-                    name: name.clone(),
-                    var: Var::from_tensor(tensor)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let group = ParamGroup {
-            label: "all".into(),
-            base_lr: 0.01,
-            weight_decay: 0.0,
-            params,
-        };
-        let settings = SgdSettings {
-            momentum: 0.9,
-            nesterov: false,
-            decay_bn_and_bias: true,
-        };
-        let mut sgd = Sgd::new(vec![group], settings)?;
+        let (model, mut sgd) = model_and_optimizer(config, args.classes, &device)?;
         let (images, labels) = synthetic_batch(config, args.classes, &device)?;
         let mut step = || -> Result<()> {
             let logits = model.forward_t(&images, true)?.logits;
@@ -281,6 +256,41 @@ fn time_steps(config: &BenchConfig, args: &Args, composed: bool) -> Result<Timin
     })();
     set_composed_ops(false);
     result
+}
+
+/// What every timed step trains: a freshly initialised model for `config` on `device` and plain
+/// momentum SGD over all its parameters.
+fn model_and_optimizer(
+    config: &BenchConfig,
+    classes: usize,
+    device: &Device,
+) -> Result<(ResNet, Sgd)> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let model = ResNet::new(config.arch, classes, None, vb)?;
+    model.init_weights(0)?;
+    let params = model
+        .named_parameters()
+        .iter()
+        .map(|(name, tensor)| {
+            Ok(NamedVar {
+                name: name.clone(),
+                var: Var::from_tensor(tensor)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let group = ParamGroup {
+        label: "all".into(),
+        base_lr: 0.01,
+        weight_decay: 0.0,
+        params,
+    };
+    let settings = SgdSettings {
+        momentum: 0.9,
+        nesterov: false,
+        decay_bn_and_bias: true,
+    };
+    Ok((model, Sgd::new(vec![group], settings)?))
 }
 
 /// A fixed pseudo-random batch: the values do not affect the timing, only the shapes do.
@@ -625,32 +635,7 @@ mod cuda {
     ) -> Result<(Timing, memory::PoolPeak)> {
         set_composed_ops(composed);
         let result = (|| {
-            let varmap = VarMap::new();
-            let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-            let model = ResNet::new(config.arch, args.classes, None, vb)?;
-            model.init_weights(0)?;
-            let params = model
-                .named_parameters()
-                .iter()
-                .map(|(name, tensor)| {
-                    Ok(NamedVar {
-                        name: name.clone(),
-                        var: Var::from_tensor(tensor)?,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let group = ParamGroup {
-                label: "all".into(),
-                base_lr: 0.01,
-                weight_decay: 0.0,
-                params,
-            };
-            let settings = SgdSettings {
-                momentum: 0.9,
-                nesterov: false,
-                decay_bn_and_bias: true,
-            };
-            let mut sgd = Sgd::new(vec![group], settings)?;
+            let (model, mut sgd) = model_and_optimizer(config, args.classes, device)?;
             let (images, labels) = synthetic_batch(config, args.classes, device)?;
             let mut step = || -> Result<()> {
                 let logits = model.forward_t(&images, true)?.logits;
