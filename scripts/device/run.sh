@@ -27,7 +27,10 @@ KIT="$(cd "$KIT" && pwd)" || { echo "no kit folder $KIT: build it with scripts/d
 OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/run-summary.txt"
 : > "$LOG"
-say() { echo "[run.sh $(date -u +%H:%M:%S)] $*" | tee -a "$LOG" >&2; }
+SCRIPT_NAME=run.sh
+STEP_BUDGET="$BUDGET"
+# shellcheck source=scripts/device/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 # Unpack once per kit (the stamp is newer than the tarball after a successful unpack).
 if [[ ! -f "$KIT/.unpacked" || "$KIT/kit.tar.xz" -nt "$KIT/.unpacked" ]]; then
@@ -45,22 +48,7 @@ cat "$KIT/MANIFEST.txt" >> "$LOG" 2>/dev/null || true
 source "$KIT/device-env.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$LOG" 2>&1 || true
 
-failures=0
 wanted() { [[ "$STEPS" == *" $1 "* ]]; }
-# step NAME TIMEOUT COMMAND...: one step, output in $OUT/NAME.log, cut to the budget left.
-step() {
-  local name="$1" limit="$2"; shift 2
-  local left=$((BUDGET - SECONDS - 5))
-  if (( left < 20 )); then say "$name: skipped, only ${left}s of the budget left"; failures=$((failures + 1)); return 0; fi
-  (( limit > left )) && limit=$left
-  say "$name: $* (timeout ${limit}s)"
-  local start=$SECONDS
-  timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  say "$name: exit $rc after $((SECONDS - start))s (log $OUT/$name.log)"
-  (( rc == 0 )) || failures=$((failures + 1))
-  tail -n 15 "$OUT/$name.log" >&2
-}
 
 # The CUDA tests pass by skipping when no GPU is visible: on the device, a skip is a failure.
 gpu_tests() {

@@ -23,7 +23,10 @@ TRAIN_STEPS=" ${TRAIN_STEPS:-models-cuda torch-train bench-train train-run} "
 mkdir -p "$OUT"
 LOG="$OUT/train-summary.txt"
 : > "$LOG"
-say() { echo "[train.sh $(date -u +%H:%M:%S)] $*" | tee -a "$LOG" >&2; }
+SCRIPT_NAME=train.sh
+STEP_BUDGET="$TRAIN_BUDGET"
+# shellcheck source=scripts/device/lib.sh
+source "$(dirname "$0")/../lib.sh"
 
 # run.sh has sourced it already; when run alone, do it here.
 if [[ ":${LD_LIBRARY_PATH:-}:" != *cudnn* && -f "$KIT/device-env.sh" ]]; then
@@ -31,22 +34,7 @@ if [[ ":${LD_LIBRARY_PATH:-}:" != *cudnn* && -f "$KIT/device-env.sh" ]]; then
   source "$KIT/device-env.sh"
 fi
 
-failures=0
 wanted() { [[ "$TRAIN_STEPS" == *" $1 "* ]]; }
-# step NAME TIMEOUT COMMAND...: one step, output in $OUT/NAME.log, cut to the budget left.
-step() {
-  local name="$1" limit="$2"; shift 2
-  local left=$((TRAIN_BUDGET - SECONDS - 5))
-  if (( left < 20 )); then say "$name: skipped, only ${left}s of the budget left"; failures=$((failures + 1)); return 0; fi
-  (( limit > left )) && limit=$left
-  say "$name: $* (timeout ${limit}s)"
-  local start=$SECONDS
-  timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  say "$name: exit $rc after $((SECONDS - start))s (log $OUT/$name.log)"
-  (( rc == 0 )) || failures=$((failures + 1))
-  tail -n 20 "$OUT/$name.log" >&2
-}
 
 if wanted models-cuda; then
   tests_bin="$(find "$KIT/bin" -maxdepth 1 -type f -name 'snapmix_models-*' 2>/dev/null | head -n 1)"
