@@ -324,17 +324,11 @@ fn backward(
     );
     let grad_cm = MatRef::row_major(&grad_cm, g.out_channels, np);
 
-    let mut grad_w = vec![0.0; g.out_channels * k];
-    {
+    let grad_w = {
         let mut col = Scratch::take(k * np);
         im2col(g, x, &mut col);
-        matmul(
-            &mut grad_w,
-            false,
-            grad_cm,
-            MatRef::row_major(&col, k, np).t(),
-        )?;
-    }
+        weight_gradient(grad_cm, MatRef::row_major(&col, k, np))?
+    };
 
     let grad_x = if input_grad {
         let mut grad_col = Scratch::take(k * np);
@@ -358,6 +352,42 @@ fn backward(
     };
     Ok((grad_x, grad_w))
 }
+
+/// `grad_cm [O, N*P] * col [K, N*P]^T`. A long reduction (the early layers: few channels, many
+/// pixels) is split into fixed runs of pixels whose serial GEMMs run in parallel and whose
+/// partial sums are then added in order: `gemm` splits only the small output, and badly. Fixed
+/// runs keep the result independent of the thread count.
+fn weight_gradient(grad_cm: MatRef, col: MatRef) -> Result<Vec<f32>> {
+    let (out_channels, patch_len, pixels) = (grad_cm.rows(), col.rows(), col.cols());
+    let mut grad_w = vec![0.0; out_channels * patch_len];
+    if pixels < 2 * PIXELS_PER_PARTIAL {
+        matmul(&mut grad_w, false, grad_cm, col.t())?;
+        return Ok(grad_w);
+    }
+    let partials = (0..pixels.div_ceil(PIXELS_PER_PARTIAL))
+        .into_par_iter()
+        .map(|run| {
+            let (start, len) = (run * PIXELS_PER_PARTIAL, PIXELS_PER_PARTIAL);
+            let mut partial = Scratch::take(out_channels * patch_len);
+            matmul_serial(
+                &mut partial,
+                false,
+                grad_cm.columns(start, len),
+                col.columns(start, len).t(),
+            )?;
+            Ok(partial)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for partial in &partials {
+        for (sum, value) in grad_w.iter_mut().zip(partial.iter()) {
+            *sum += value;
+        }
+    }
+    Ok(grad_w)
+}
+
+/// Pixels (GEMM reduction length) per partial weight gradient in [`weight_gradient`].
+const PIXELS_PER_PARTIAL: usize = 1024;
 
 /// The output columns `[lo, hi)` whose input column `out_col * stride + kernel_col - padding`
 /// falls inside the image (for stride 1 a contiguous run).
@@ -552,6 +582,7 @@ mod tests {
         check([3, 5, 9, 7], [6, 5, 1, 1], 2, 0)?; // projection shortcut
         check([9, 6, 12, 11], [5, 6, 1, 1], 1, 0)?; // 1x1 per image, partials of 4 + 4 + 1
         check([2, 4, 16, 8], [7, 4, 1, 1], 1, 0)?; // 1x1 per image, one partial
+        check([2, 3, 40, 40], [4, 3, 3, 3], 1, 1)?; // weight gradient in 4 runs, the last short
         check([1, 2, 4, 4], [3, 2, 3, 3], 3, 2) // stride larger than the kernel reach
     }
 

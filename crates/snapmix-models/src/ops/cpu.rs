@@ -150,6 +150,24 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Columns `start..start + len` of the matrix, as a view.
+    pub(crate) fn columns(self, start: usize, len: usize) -> Self {
+        let offset = (start * self.col_stride).min(self.data.len());
+        Self {
+            data: &self.data[offset..],
+            cols: len.min(self.cols.saturating_sub(start)),
+            ..self
+        }
+    }
+
     /// The transpose, as a view.
     pub(crate) fn t(self) -> Self {
         Self {
@@ -308,3 +326,4 @@ mod tests {
         assert_eq!(again.as_ptr(), first_ptr);
     }
 }
+
