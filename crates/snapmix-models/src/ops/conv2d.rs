@@ -101,12 +101,16 @@ impl ConvGeometry {
         self.kernel_rows == 1 && self.kernel_cols == 1 && self.stride == 1 && self.padding == 0
     }
 
-    /// A pointwise conv with enough pixels per image, and images for every thread: then one
-    /// GEMM per image straight on the NCHW data beats im2col, a batch-wide GEMM and reorders.
+    /// Enough output pixels per image, and images for every thread: then one GEMM per image,
+    /// on an im2col matrix small enough to stay in the core's cache (or, pointwise, on the
+    /// NCHW data itself), beats a batch-wide im2col streamed through memory and the reorders.
     fn runs_per_image(&self) -> bool {
-        self.is_pointwise()
-            && self.out_pixels() >= PER_IMAGE_MIN_PIXELS
-            && self.batch >= rayon::current_num_threads()
+        self.out_pixels() >= PER_IMAGE_MIN_PIXELS && self.batch >= rayon::current_num_threads()
+    }
+
+    /// Input pixels per image plane.
+    fn image_pixels(&self) -> usize {
+        self.rows * self.cols
     }
 
     fn out_shape(&self) -> Shape {
@@ -209,7 +213,7 @@ impl CustomOp2 for Conv2dOp {
     }
 }
 
-/// Output pixels per image from which a pointwise conv runs one GEMM per image (see
+/// Output pixels per image from which a conv runs one GEMM per image (see
 /// [`ConvGeometry::runs_per_image`]); below it the GEMMs get too thin to pay.
 const PER_IMAGE_MIN_PIXELS: usize = 128;
 
@@ -240,20 +244,40 @@ fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
     ))
 }
 
-/// Pointwise forward, one GEMM per image: out[n] [O, P] = W [O, C] * x[n] [C, P].
+/// The im2col matrix `[C*KH*KW, P]` of one image: the image itself for a pointwise conv, else
+/// built in `scratch`.
+fn image_patches<'a>(g: &ConvGeometry, image: &'a [f32], scratch: &'a mut Scratch) -> MatRef<'a> {
+    if g.is_pointwise() {
+        return MatRef::row_major(image, g.in_channels, g.out_pixels());
+    }
+    im2col_image(g, image, scratch);
+    MatRef::row_major(scratch, g.patch_len(), g.out_pixels())
+}
+
+/// Scratch for [`image_patches`]: none for a pointwise conv.
+fn patches_scratch(g: &ConvGeometry) -> Scratch {
+    Scratch::take(if g.is_pointwise() {
+        0
+    } else {
+        g.patch_len() * g.out_pixels()
+    })
+}
+
+/// Forward, one GEMM per image: out[n] [O, P] = W [O, C*KH*KW] * col[n] [C*KH*KW, P].
 fn forward_per_image(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
-    let (c, o, p) = (g.in_channels, g.out_channels, g.out_pixels());
-    let weight = MatRef::row_major(weight, o, c);
+    let (o, p) = (g.out_channels, g.out_pixels());
+    let weight = MatRef::row_major(weight, o, g.patch_len());
     let mut out = vec![0.0; g.batch * o * p];
     out.par_chunks_mut(o * p)
-        .zip(x.par_chunks(c * p))
+        .zip(x.par_chunks(g.in_channels * g.image_pixels()))
         .try_for_each(|(out, image)| {
-            matmul_serial(out, false, weight, MatRef::row_major(image, c, p))
+            let mut scratch = patches_scratch(g);
+            matmul_serial(out, false, weight, image_patches(g, image, &mut scratch))
         })?;
     Ok(out)
 }
 
-/// Pointwise backward, per image: grad_w = sum_n dY[n] x[n]^T, grad_x[n] = W^T dY[n].
+/// Backward, per image: grad_w = sum_n dY[n] col[n]^T, grad_x[n] = col2im(W^T dY[n]).
 fn backward_per_image(
     g: &ConvGeometry,
     x: &[f32],
@@ -261,25 +285,31 @@ fn backward_per_image(
     grad_out: &[f32],
     input_grad: bool,
 ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
-    let (c, o, p) = (g.in_channels, g.out_channels, g.out_pixels());
+    let (k, o, p) = (g.patch_len(), g.out_channels, g.out_pixels());
+    let image_len = g.in_channels * g.image_pixels();
     let partials = grad_out
         .par_chunks(IMAGES_PER_PARTIAL * o * p)
-        .zip(x.par_chunks(IMAGES_PER_PARTIAL * c * p))
+        .zip(x.par_chunks(IMAGES_PER_PARTIAL * image_len))
         .map(|(grads, images)| {
-            let mut partial = vec![0.0; o * c];
-            for (i, (grad, image)) in grads.chunks(o * p).zip(images.chunks(c * p)).enumerate() {
+            let mut partial = vec![0.0; o * k];
+            let mut scratch = patches_scratch(g);
+            for (i, (grad, image)) in grads
+                .chunks(o * p)
+                .zip(images.chunks(image_len))
+                .enumerate()
+            {
                 matmul_serial(
                     &mut partial,
                     i > 0,
                     MatRef::row_major(grad, o, p),
-                    MatRef::row_major(image, c, p).t(),
+                    image_patches(g, image, &mut scratch).t(),
                 )?;
             }
             Ok(partial)
         })
         .collect::<Result<Vec<_>>>()?;
     let mut partials = partials.into_iter();
-    let mut grad_w = partials.next().unwrap_or_else(|| vec![0.0; o * c]);
+    let mut grad_w = partials.next().unwrap_or_else(|| vec![0.0; o * k]);
     for partial in partials {
         for (sum, value) in grad_w.iter_mut().zip(&partial) {
             *sum += value;
@@ -287,13 +317,20 @@ fn backward_per_image(
     }
 
     let grad_x = if input_grad {
-        let weight_t = MatRef::row_major(weight, o, c).t();
-        let mut grad_x = vec![0.0; g.batch * c * p];
+        let weight_t = MatRef::row_major(weight, o, k).t();
+        let mut grad_x = vec![0.0; g.batch * image_len];
         grad_x
-            .par_chunks_mut(c * p)
+            .par_chunks_mut(image_len)
             .zip(grad_out.par_chunks(o * p))
             .try_for_each(|(grad_x, grad)| {
-                matmul_serial(grad_x, false, weight_t, MatRef::row_major(grad, o, p))
+                let grad = MatRef::row_major(grad, o, p);
+                if g.is_pointwise() {
+                    return matmul_serial(grad_x, false, weight_t, grad);
+                }
+                let mut grad_col = Scratch::take(k * p);
+                matmul_serial(&mut grad_col, false, weight_t, grad)?;
+                col2im_image(g, &grad_col, grad_x);
+                Ok(())
             })?;
         Some(grad_x)
     } else {
@@ -338,7 +375,7 @@ fn backward(
             MatRef::row_major(weight, g.out_channels, k).t(),
             grad_cm,
         )?;
-        let image_pixels = g.rows * g.cols;
+        let image_pixels = g.image_pixels();
         let grad_x = if g.is_pointwise() {
             from_channel_major(&grad_col, g.batch, g.in_channels, image_pixels)
         } else {
@@ -403,94 +440,136 @@ fn valid_out_cols(g: &ConvGeometry, kernel_col: usize) -> (usize, usize) {
     )
 }
 
-/// Fills `col [C*KH*KW, N*P]`: row (c, kh, kw), column (n, out_row, out_col) holds the input
-/// pixel that kernel tap sees for that output pixel, or 0 in the padding.
+/// Writes the im2col row of kernel tap (`kernel_row`, `kernel_col`) for one input plane: for
+/// every output pixel, the input pixel that tap sees, or 0 in the padding.
+fn fill_tap(
+    g: &ConvGeometry,
+    plane: &[f32],
+    kernel_row: usize,
+    kernel_col: usize,
+    dst: &mut [f32],
+) {
+    let (lo, hi) = valid_out_cols(g, kernel_col);
+    for (out_row, dst_row) in dst.chunks_exact_mut(g.out_cols).enumerate() {
+        let in_row = (out_row * g.stride + kernel_row).wrapping_sub(g.padding);
+        if in_row >= g.rows {
+            dst_row.fill(0.0);
+            continue;
+        }
+        let src_row = &plane[in_row * g.cols..][..g.cols];
+        dst_row[..lo].fill(0.0);
+        dst_row[hi..].fill(0.0);
+        if lo == hi {
+            continue;
+        }
+        let first = lo * g.stride + kernel_col - g.padding;
+        if g.stride == 1 {
+            dst_row[lo..hi].copy_from_slice(&src_row[first..first + (hi - lo)]);
+        } else {
+            for (d, s) in dst_row[lo..hi]
+                .iter_mut()
+                .zip(src_row[first..].iter().step_by(g.stride))
+            {
+                *d = *s;
+            }
+        }
+    }
+}
+
+/// The adjoint of [`fill_tap`]: adds one im2col row back into the input plane it was read from.
+fn add_tap(g: &ConvGeometry, src: &[f32], kernel_row: usize, kernel_col: usize, plane: &mut [f32]) {
+    let (lo, hi) = valid_out_cols(g, kernel_col);
+    if lo == hi {
+        return;
+    }
+    for (out_row, src_row) in src.chunks_exact(g.out_cols).enumerate() {
+        let in_row = (out_row * g.stride + kernel_row).wrapping_sub(g.padding);
+        if in_row >= g.rows {
+            continue;
+        }
+        let dst_row = &mut plane[in_row * g.cols..][..g.cols];
+        let first = lo * g.stride + kernel_col - g.padding;
+        if g.stride == 1 {
+            for (d, s) in dst_row[first..first + (hi - lo)]
+                .iter_mut()
+                .zip(&src_row[lo..hi])
+            {
+                *d += *s;
+            }
+        } else {
+            for (d, s) in dst_row[first..]
+                .iter_mut()
+                .step_by(g.stride)
+                .zip(&src_row[lo..hi])
+            {
+                *d += *s;
+            }
+        }
+    }
+}
+
+/// Fills `col [C*KH*KW, N*P]`: row (c, kh, kw), column (n, out_row, out_col).
 fn im2col(g: &ConvGeometry, x: &[f32], col: &mut [f32]) {
     let (p, np) = (g.out_pixels(), g.batch * g.out_pixels());
     let taps = g.kernel_rows * g.kernel_cols;
-    let image_pixels = g.rows * g.cols;
+    let image_pixels = g.image_pixels();
     col.par_chunks_mut(np).enumerate().for_each(|(row, dst)| {
-        let (c, kh, kw) = (
-            row / taps,
-            (row % taps) / g.kernel_cols,
-            row % g.kernel_cols,
-        );
-        let (lo, hi) = valid_out_cols(g, kw);
+        let (c, tap) = (row / taps, row % taps);
         for n in 0..g.batch {
-            let src = &x[(n * g.in_channels + c) * image_pixels..][..image_pixels];
-            let dst = &mut dst[n * p..][..p];
-            for (out_row, dst_row) in dst.chunks_exact_mut(g.out_cols).enumerate() {
-                let in_row = (out_row * g.stride + kh).wrapping_sub(g.padding);
-                if in_row >= g.rows {
-                    dst_row.fill(0.0);
-                    continue;
-                }
-                let src_row = &src[in_row * g.cols..][..g.cols];
-                dst_row[..lo].fill(0.0);
-                dst_row[hi..].fill(0.0);
-                if lo == hi {
-                    continue;
-                }
-                let first = lo * g.stride + kw - g.padding;
-                if g.stride == 1 {
-                    dst_row[lo..hi].copy_from_slice(&src_row[first..first + (hi - lo)]);
-                } else {
-                    for (d, s) in dst_row[lo..hi]
-                        .iter_mut()
-                        .zip(src_row[first..].iter().step_by(g.stride))
-                    {
-                        *d = *s;
-                    }
-                }
-            }
+            let plane = &x[(n * g.in_channels + c) * image_pixels..][..image_pixels];
+            fill_tap(
+                g,
+                plane,
+                tap / g.kernel_cols,
+                tap % g.kernel_cols,
+                &mut dst[n * p..][..p],
+            );
         }
     });
+}
+
+/// The im2col matrix `[C*KH*KW, P]` of one image, on the calling thread.
+fn im2col_image(g: &ConvGeometry, image: &[f32], col: &mut [f32]) {
+    let taps = g.kernel_rows * g.kernel_cols;
+    let image_pixels = g.image_pixels();
+    for (row, dst) in col.chunks_exact_mut(g.out_pixels()).enumerate() {
+        let (c, tap) = (row / taps, row % taps);
+        let plane = &image[c * image_pixels..][..image_pixels];
+        fill_tap(g, plane, tap / g.kernel_cols, tap % g.kernel_cols, dst);
+    }
 }
 
 /// The adjoint of `im2col`: sums `col` back into a channel-major `[C, N, rows*cols]` image.
 fn col2im(g: &ConvGeometry, col: &[f32], image_cm: &mut [f32]) {
     let (p, np) = (g.out_pixels(), g.batch * g.out_pixels());
     let taps = g.kernel_rows * g.kernel_cols;
-    let image_pixels = g.rows * g.cols;
+    let image_pixels = g.image_pixels();
     image_cm
         .par_chunks_mut(g.batch * image_pixels)
         .enumerate()
         .for_each(|(c, channel)| {
             channel.fill(0.0);
             for tap in 0..taps {
-                let (kh, kw) = (tap / g.kernel_cols, tap % g.kernel_cols);
-                let (lo, hi) = valid_out_cols(g, kw);
                 let src = &col[(c * taps + tap) * np..][..np];
-                for n in 0..g.batch {
-                    let src = &src[n * p..][..p];
-                    let dst = &mut channel[n * image_pixels..][..image_pixels];
-                    for (out_row, src_row) in src.chunks_exact(g.out_cols).enumerate() {
-                        let in_row = (out_row * g.stride + kh).wrapping_sub(g.padding);
-                        if in_row >= g.rows || lo == hi {
-                            continue;
-                        }
-                        let dst_row = &mut dst[in_row * g.cols..][..g.cols];
-                        let first = lo * g.stride + kw - g.padding;
-                        if g.stride == 1 {
-                            for (d, s) in dst_row[first..first + (hi - lo)]
-                                .iter_mut()
-                                .zip(&src_row[lo..hi])
-                            {
-                                *d += *s;
-                            }
-                        } else {
-                            for (d, s) in dst_row[first..]
-                                .iter_mut()
-                                .step_by(g.stride)
-                                .zip(&src_row[lo..hi])
-                            {
-                                *d += *s;
-                            }
-                        }
-                    }
+                for (n, plane) in channel.chunks_exact_mut(image_pixels).enumerate() {
+                    let (kernel_row, kernel_col) = (tap / g.kernel_cols, tap % g.kernel_cols);
+                    add_tap(g, &src[n * p..][..p], kernel_row, kernel_col, plane);
                 }
             }
         });
+}
+
+/// The adjoint of [`im2col_image`]: one image's input gradient `[C, rows*cols]` from its
+/// im2col-shaped gradient, on the calling thread.
+fn col2im_image(g: &ConvGeometry, col: &[f32], image: &mut [f32]) {
+    let taps = g.kernel_rows * g.kernel_cols;
+    let image_pixels = g.image_pixels();
+    image.fill(0.0);
+    for (row, src) in col.chunks_exact(g.out_pixels()).enumerate() {
+        let (c, tap) = (row / taps, row % taps);
+        let plane = &mut image[c * image_pixels..][..image_pixels];
+        add_tap(g, src, tap / g.kernel_cols, tap % g.kernel_cols, plane);
+    }
 }
 
 /// `[N, C, P]` -> `[C, N*P]`.
@@ -575,15 +654,28 @@ mod tests {
 
     #[test]
     fn matches_candle_on_resnet_geometries() -> Result<()> {
-        check([2, 3, 17, 15], [4, 3, 7, 7], 2, 3)?; // stem
-        check([2, 5, 9, 8], [6, 5, 3, 3], 1, 1)?; // basic block
-        check([2, 5, 9, 9], [6, 5, 3, 3], 2, 1)?; // downsampling 3x3
-        check([2, 5, 9, 7], [6, 5, 1, 1], 1, 0)?; // bottleneck 1x1
-        check([3, 5, 9, 7], [6, 5, 1, 1], 2, 0)?; // projection shortcut
-        check([9, 6, 12, 11], [5, 6, 1, 1], 1, 0)?; // 1x1 per image, partials of 4 + 4 + 1
-        check([2, 4, 16, 8], [7, 4, 1, 1], 1, 0)?; // 1x1 per image, one partial
-        check([2, 3, 40, 40], [4, 3, 3, 3], 1, 1)?; // weight gradient in 4 runs, the last short
-        check([1, 2, 4, 4], [3, 2, 3, 3], 3, 2) // stride larger than the kernel reach
+        // Two threads, as on the 2-core machines: which path a geometry takes (batch-wide or
+        // per image) depends on the thread count.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("a 2-thread pool");
+        pool.install(|| {
+            // Batch-wide im2col (fewer than 128 output pixels per image).
+            check([2, 3, 17, 15], [4, 3, 7, 7], 2, 3)?; // stem
+            check([2, 5, 9, 8], [6, 5, 3, 3], 1, 1)?; // basic block
+            check([2, 5, 9, 9], [6, 5, 3, 3], 2, 1)?; // downsampling 3x3
+            check([2, 5, 9, 7], [6, 5, 1, 1], 1, 0)?; // bottleneck 1x1
+            check([3, 5, 9, 7], [6, 5, 1, 1], 2, 0)?; // projection shortcut
+            check([1, 2, 4, 4], [3, 2, 3, 3], 3, 2)?; // stride larger than the kernel reach
+            check([1, 3, 46, 46], [4, 3, 3, 3], 1, 1)?; // weight gradient in 3 runs, the last short
+                                                        // One GEMM per image (at least 128 output pixels, an image per thread).
+            check([9, 6, 12, 11], [5, 6, 1, 1], 1, 0)?; // 1x1, partials of 4 + 4 + 1
+            check([2, 4, 16, 8], [7, 4, 1, 1], 1, 0)?; // 1x1, one partial
+            check([5, 4, 12, 12], [6, 4, 3, 3], 1, 1)?; // 3x3, partials of 4 + 1
+            check([2, 4, 30, 28], [5, 4, 3, 3], 2, 1)?; // strided 3x3
+            check([2, 3, 34, 30], [4, 3, 7, 7], 2, 3) // stem
+        })
     }
 
     #[test]

@@ -326,4 +326,3 @@ mod tests {
         assert_eq!(again.as_ptr(), first_ptr);
     }
 }
-
