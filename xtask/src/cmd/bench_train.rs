@@ -233,27 +233,30 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
 /// backward, SGD momentum 0.9 update; `composed` selects candle's composed ops.
 fn time_steps(config: &BenchConfig, args: &Args, composed: bool) -> Result<Timing> {
     set_composed_ops(composed);
-    let result = (|| {
-        let device = Device::Cpu;
-        let (model, mut sgd) = model_and_optimizer(config, args.classes, &device)?;
-        let (images, labels) = synthetic_batch(config, args.classes, &device)?;
-        let mut step = || -> Result<()> {
-            let logits = model.forward_t(&images, true)?.logits;
-            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-            sgd.step(&loss.backward()?)?;
-            Ok(())
-        };
-        for _ in 0..args.warmup {
-            step()?;
-        }
-        let mut times = Vec::with_capacity(args.steps);
-        for _ in 0..args.steps {
-            let start = Instant::now();
-            step()?;
-            times.push(start.elapsed().as_secs_f64() * 1e3);
-        }
-        Ok(Timing::new(times, config.batch))
-    })();
+    // On a rayon worker, as the trainer runs its steps (see snapmix-train's `Trainer::run`).
+    let result = rayon::scope(|_| {
+        (|| {
+            let device = Device::Cpu;
+            let (model, mut sgd) = model_and_optimizer(config, args.classes, &device)?;
+            let (images, labels) = synthetic_batch(config, args.classes, &device)?;
+            let mut step = || -> Result<()> {
+                let logits = model.forward_t(&images, true)?.logits;
+                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                sgd.step(&loss.backward()?)?;
+                Ok(())
+            };
+            for _ in 0..args.warmup {
+                step()?;
+            }
+            let mut times = Vec::with_capacity(args.steps);
+            for _ in 0..args.steps {
+                let start = Instant::now();
+                step()?;
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok(Timing::new(times, config.batch))
+        })()
+    });
     set_composed_ops(false);
     result
 }
