@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::ops::{batch_norm::batch_norm_train, conv2d::conv2d};
+use crate::ops::{batch_norm::batch_norm_train, conv2d::conv2d, conv_bn::conv_batch_norm_train};
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -175,6 +175,32 @@ impl BatchNorm2d {
         self.forward_maybe_relu_t(x, train, true)
     }
 
+    /// `conv` then this batch norm (and ReLU when `relu`): in training mode as one fused op
+    /// (see [`conv_batch_norm_train`]), so the conv output's gradient is never built.
+    pub fn forward_conv_t(
+        &self,
+        conv: &Conv2d,
+        x: &Tensor,
+        train: bool,
+        relu: bool,
+    ) -> Result<Tensor> {
+        if !train {
+            return self.forward_maybe_relu_t(&conv.forward(x)?, false, relu);
+        }
+        let (y, batch_mean, batch_var) = conv_batch_norm_train(
+            x,
+            &conv.weight,
+            conv.stride,
+            conv.padding,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            relu,
+        )?;
+        self.fold_batch_stats(&y, &batch_mean, &batch_var)?;
+        Ok(y)
+    }
+
     fn forward_maybe_relu_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if !train {
             let stats = self.running_stats();
@@ -188,16 +214,23 @@ impl BatchNorm2d {
             )?;
             return if relu { y.relu() } else { Ok(y) };
         }
-        let (batch, _, rows, cols) = x.dims4()?;
+        let (y, batch_mean, batch_var) =
+            batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
+        self.fold_batch_stats(&y, &batch_mean, &batch_var)?;
+        Ok(y)
+    }
+
+    /// Folds the batch statistics of a training-mode output `y` into the running ones (the
+    /// variance unbiased, like PyTorch).
+    fn fold_batch_stats(&self, y: &Tensor, batch_mean: &Tensor, batch_var: &Tensor) -> Result<()> {
+        let (batch, _, rows, cols) = y.dims4()?;
         let count = batch * rows * cols;
         if count < 2 {
             candle_core::bail!(
                 "batch norm in training mode needs more than one value per channel, got input {:?}",
-                x.dims()
+                y.dims()
             )
         }
-        let (y, batch_mean, batch_var) =
-            batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
         let unbiased = (batch_var.detach() * (count as f64 / (count - 1) as f64))?;
         let mut stats = self.running_stats();
         let keep = 1.0 - self.momentum;
@@ -206,7 +239,7 @@ impl BatchNorm2d {
         stats.mean = mean.to_dtype(stats.mean.dtype())?;
         stats.var = var.to_dtype(stats.var.dtype())?;
         stats.num_batches_tracked += 1;
-        Ok(y)
+        Ok(())
     }
 }
 

@@ -190,15 +190,10 @@ impl Block {
         let mut out = x.clone();
         let last = self.convs.len() - 1;
         for (index, (conv, bn)) in self.convs.iter().zip(&self.bns).enumerate() {
-            let conv_out = conv.forward(&out)?;
-            out = if index != last {
-                bn.forward_relu_t(&conv_out, train)?
-            } else {
-                bn.forward_t(&conv_out, train)?
-            };
+            out = bn.forward_conv_t(conv, &out, train, index != last)?;
         }
         let identity = match &self.downsample {
-            Some(down) => down.bn.forward_t(&down.conv.forward(x)?, train)?,
+            Some(down) => down.bn.forward_conv_t(&down.conv, x, train, false)?,
             None => x.clone(),
         };
         add_relu(&out, &identity)
@@ -347,9 +342,7 @@ impl ResNet {
 
     /// Runs stem and `layer1..layer3`, then `layer4`: returns `(layer3, layer4)`.
     fn body(&self, images: &Tensor, train: bool) -> candle_core::Result<(Tensor, Tensor)> {
-        let x = self
-            .bn1
-            .forward_relu_t(&self.conv1.forward(images)?, train)?;
+        let x = self.bn1.forward_conv_t(&self.conv1, images, train, true)?;
         let mut x = MaxPool2d::RESNET_STEM.forward(&x)?;
         let mut layer3 = None;
         for (stage, blocks) in self.stages.iter().enumerate() {

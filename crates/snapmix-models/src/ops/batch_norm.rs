@@ -67,7 +67,7 @@ pub fn batch_norm_train(
 
 /// The same computation from candle's elementary ops: the reference for tests and the path for
 /// devices without a fused kernel yet.
-fn reference(
+pub(super) fn reference(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
@@ -100,14 +100,14 @@ fn reference(
 
 /// Axis sizes: `batch` images, `channels`, `pixels` per image and channel.
 #[derive(Clone, Copy, Debug)]
-struct BnDims {
+pub(super) struct BnDims {
     batch: usize,
     channels: usize,
     pixels: usize,
 }
 
 impl BnDims {
-    fn new(x: &[usize], gamma: &[usize], beta: &[usize]) -> Result<Self> {
+    pub(super) fn new(x: &[usize], gamma: &[usize], beta: &[usize]) -> Result<Self> {
         if x.len() < 2 {
             bail!("batch_norm_train: expected an input of shape [N, C, ...], got {x:?}");
         }
@@ -129,6 +129,11 @@ impl BnDims {
         Ok(dims)
     }
 
+    /// Channels: the length of gamma and beta.
+    pub(super) fn channels(&self) -> usize {
+        self.channels
+    }
+
     /// Values per channel: N * pixels.
     fn count(&self) -> usize {
         self.batch * self.pixels
@@ -148,9 +153,9 @@ impl BnDims {
 }
 
 /// Per-channel batch statistics computed by the forward pass.
-struct BatchStats {
-    mean: Vec<f32>,
-    var: Vec<f32>,
+pub(super) struct BatchStats {
+    pub(super) mean: Vec<f32>,
+    pub(super) var: Vec<f32>,
     inv_std: Vec<f32>,
 }
 
@@ -332,7 +337,7 @@ fn lane_sums(
 
 /// Mean and biased variance of each channel in one pass over `x`, shifted by the channel's
 /// first value so that the sum of squares does not cancel catastrophically.
-fn channel_stats(dims: &BnDims, x: &[f32], eps: f32) -> BatchStats {
+pub(super) fn channel_stats(dims: &BnDims, x: &[f32], eps: f32) -> BatchStats {
     let BnDims {
         batch,
         channels,
@@ -364,7 +369,7 @@ fn channel_stats(dims: &BnDims, x: &[f32], eps: f32) -> BatchStats {
 }
 
 /// out = (x - mean) * inv_std * gamma + beta, then ReLU if asked.
-fn normalise(
+pub(super) fn normalise(
     dims: &BnDims,
     x: &[f32],
     gamma: &[f32],
@@ -403,19 +408,22 @@ fn plane(data: &[f32], start: usize, pixels: usize) -> &[f32] {
 }
 
 /// What the backward pass reads.
-struct BackwardInputs<'a> {
-    x: &'a [f32],
-    gamma: &'a [f32],
-    out: &'a [f32],
-    grad: &'a [f32],
-    stats: &'a BatchStats,
-    relu: bool,
-    input_grad: bool,
+pub(super) struct BackwardInputs<'a> {
+    pub(super) x: &'a [f32],
+    pub(super) gamma: &'a [f32],
+    pub(super) out: &'a [f32],
+    pub(super) grad: &'a [f32],
+    pub(super) stats: &'a BatchStats,
+    pub(super) relu: bool,
+    pub(super) input_grad: bool,
 }
 
 /// Gradients `(x, gamma, beta)`: one pass for the per-channel sums of g and g * (x - mean)
 /// (g the output gradient, zeroed where ReLU was inactive), one for the input gradient.
-fn backward(dims: &BnDims, inp: BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+pub(super) fn backward(
+    dims: &BnDims,
+    inp: BackwardInputs,
+) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     let BnDims {
         batch,
         channels,

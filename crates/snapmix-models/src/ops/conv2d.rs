@@ -36,7 +36,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
 
 /// Shapes of one convolution. Rows/cols are the image axes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ConvGeometry {
+pub(super) struct ConvGeometry {
     batch: usize,
     in_channels: usize,
     rows: usize,
@@ -51,7 +51,12 @@ struct ConvGeometry {
 }
 
 impl ConvGeometry {
-    fn new(x_dims: &[usize], w_dims: &[usize], stride: usize, padding: usize) -> Result<Self> {
+    pub(super) fn new(
+        x_dims: &[usize],
+        w_dims: &[usize],
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
         let (&[batch, in_channels, rows, cols], &[out_channels, w_in, kernel_rows, kernel_cols]) =
             (x_dims, w_dims)
         else {
@@ -113,7 +118,7 @@ impl ConvGeometry {
         self.rows * self.cols
     }
 
-    fn out_shape(&self) -> Shape {
+    pub(super) fn out_shape(&self) -> Shape {
         Shape::from((self.batch, self.out_channels, self.out_rows, self.out_cols))
     }
 }
@@ -222,7 +227,7 @@ const PER_IMAGE_MIN_PIXELS: usize = 128;
 const IMAGES_PER_PARTIAL: usize = 4;
 
 /// Forward: out = W [O, C*KH*KW] * col [C*KH*KW, N*P], then reordered to NCHW.
-fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
+pub(super) fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
     if g.runs_per_image() {
         return forward_per_image(g, x, weight);
     }
@@ -340,7 +345,7 @@ fn backward_per_image(
 }
 
 /// Backward: grad_w = dY [O, N*P] * col^T, and (if wanted) grad_x = col2im(W^T * dY).
-fn backward(
+pub(super) fn backward(
     g: &ConvGeometry,
     x: &[f32],
     weight: &[f32],
