@@ -454,6 +454,9 @@ fn fill_tap(
     kernel_col: usize,
     dst: &mut [f32],
 ) {
+    if g.stride == 1 && g.out_cols == g.cols {
+        return fill_tap_same_width(g, plane, kernel_row, kernel_col, dst);
+    }
     let (lo, hi) = valid_out_cols(g, kernel_col);
     for (out_row, dst_row) in dst.chunks_exact_mut(g.out_cols).enumerate() {
         let in_row = (out_row * g.stride + kernel_row).wrapping_sub(g.padding);
@@ -471,12 +474,58 @@ fn fill_tap(
         if g.stride == 1 {
             dst_row[lo..hi].copy_from_slice(&src_row[first..first + (hi - lo)]);
         } else {
-            for (d, s) in dst_row[lo..hi]
-                .iter_mut()
-                .zip(src_row[first..].iter().step_by(g.stride))
-            {
-                *d = *s;
+            let src = &src_row[first..=first + (hi - lo - 1) * g.stride];
+            for (i, d) in dst_row[lo..hi].iter_mut().enumerate() {
+                *d = src[i * g.stride];
             }
+        }
+    }
+}
+
+/// [`fill_tap`] for stride 1 with as many output as input columns: the tap's row is then the
+/// plane shifted by whole rows and `kernel_col - padding` columns, so all valid rows are one
+/// contiguous copy, after which only the columns that wrapped around from a neighbouring row
+/// are zeroed (small feature maps would otherwise pay a call per 2-16 values).
+fn fill_tap_same_width(
+    g: &ConvGeometry,
+    plane: &[f32],
+    kernel_row: usize,
+    kernel_col: usize,
+    dst: &mut [f32],
+) {
+    let width = g.cols;
+    // Output rows whose input row `out_row + kernel_row - padding` lies inside the image.
+    let row_lo = g.padding.saturating_sub(kernel_row).min(g.out_rows);
+    let row_hi = (g.rows + g.padding)
+        .saturating_sub(kernel_row)
+        .min(g.out_rows)
+        .max(row_lo);
+    dst[..row_lo * width].fill(0.0);
+    dst[row_hi * width..].fill(0.0);
+    let block = &mut dst[row_lo * width..row_hi * width];
+    if block.is_empty() {
+        return;
+    }
+    let len = block.len();
+    // Block element i reads plane[start + i + kernel_col - padding].
+    let start = (row_lo + kernel_row - g.padding) * width;
+    if kernel_col >= g.padding {
+        let shift = kernel_col - g.padding;
+        let copied = len.min(plane.len().saturating_sub(start + shift));
+        block[..copied].copy_from_slice(&plane[start + shift..][..copied]);
+        block[copied..].fill(0.0);
+        for row in block.chunks_exact_mut(width) {
+            row[width.saturating_sub(shift)..].fill(0.0);
+        }
+    } else {
+        let shift = g.padding - kernel_col;
+        let skipped = shift.saturating_sub(start).min(len);
+        block[..skipped].fill(0.0);
+        if skipped < len {
+            block[skipped..].copy_from_slice(&plane[start + skipped - shift..start + len - shift]);
+        }
+        for row in block.chunks_exact_mut(width) {
+            row[..shift.min(width)].fill(0.0);
         }
     }
 }
@@ -502,12 +551,9 @@ fn add_tap(g: &ConvGeometry, src: &[f32], kernel_row: usize, kernel_col: usize, 
                 *d += *s;
             }
         } else {
-            for (d, s) in dst_row[first..]
-                .iter_mut()
-                .step_by(g.stride)
-                .zip(&src_row[lo..hi])
-            {
-                *d += *s;
+            let dst = &mut dst_row[first..=first + (hi - lo - 1) * g.stride];
+            for (i, s) in src_row[lo..hi].iter().enumerate() {
+                dst[i * g.stride] += *s;
             }
         }
     }
@@ -674,7 +720,10 @@ mod tests {
             check([3, 5, 9, 7], [6, 5, 1, 1], 2, 0)?; // projection shortcut
             check([1, 2, 4, 4], [3, 2, 3, 3], 3, 2)?; // stride larger than the kernel reach
             check([1, 3, 46, 46], [4, 3, 3, 3], 1, 1)?; // weight gradient in 3 runs, the last short
-                                                        // One GEMM per image (at least 128 output pixels, an image per thread).
+            check([2, 3, 5, 2], [4, 3, 5, 5], 1, 2)?; // column shifts as wide as the image
+            check([1, 2, 4, 3], [3, 2, 7, 7], 1, 3)?; // and wider
+            check([2, 3, 7, 6], [4, 3, 3, 3], 1, 0)?; // stride 1 without padding
+                                                      // One GEMM per image (at least 128 output pixels, an image per thread).
             check([9, 6, 12, 11], [5, 6, 1, 1], 1, 0)?; // 1x1, partials of 4 + 4 + 1
             check([2, 4, 16, 8], [7, 4, 1, 1], 1, 0)?; // 1x1, one partial
             check([5, 4, 12, 12], [6, 4, 3, 3], 1, 1)?; // 3x3, partials of 4 + 1
