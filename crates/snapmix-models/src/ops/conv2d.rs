@@ -313,13 +313,7 @@ fn backward_per_image(
             Ok(partial)
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut partials = partials.into_iter();
-    let mut grad_w = partials.next().unwrap_or_else(|| vec![0.0; o * k]);
-    for partial in partials {
-        for (sum, value) in grad_w.iter_mut().zip(&partial) {
-            *sum += value;
-        }
-    }
+    let grad_w = sum_in_order(&partials, o * k);
 
     let grad_x = if input_grad {
         let weight_t = MatRef::row_major(weight, o, k).t();
@@ -401,8 +395,8 @@ pub(super) fn backward(
 /// runs keep the result independent of the thread count.
 fn weight_gradient(grad_cm: MatRef, col: MatRef) -> Result<Vec<f32>> {
     let (out_channels, patch_len, pixels) = (grad_cm.rows(), col.rows(), col.cols());
-    let mut grad_w = vec![0.0; out_channels * patch_len];
     if pixels < 2 * PIXELS_PER_PARTIAL {
+        let mut grad_w = vec![0.0; out_channels * patch_len];
         matmul(&mut grad_w, false, grad_cm, col.t())?;
         return Ok(grad_w);
     }
@@ -420,12 +414,19 @@ fn weight_gradient(grad_cm: MatRef, col: MatRef) -> Result<Vec<f32>> {
             Ok(partial)
         })
         .collect::<Result<Vec<_>>>()?;
-    for partial in &partials {
-        for (sum, value) in grad_w.iter_mut().zip(partial.iter()) {
-            *sum += value;
+    Ok(sum_in_order(&partials, out_channels * patch_len))
+}
+
+/// The element-wise sum of `len`-long partial results, added in their order (so the result
+/// does not depend on how rayon scheduled them).
+fn sum_in_order<P: std::ops::Deref<Target = [f32]>>(partials: &[P], len: usize) -> Vec<f32> {
+    let mut sum = vec![0.0; len];
+    for partial in partials {
+        for (total, value) in sum.iter_mut().zip(partial.iter()) {
+            *total += value;
         }
     }
-    Ok(grad_w)
+    sum
 }
 
 /// Pixels (GEMM reduction length) per partial weight gradient in [`weight_gradient`].
