@@ -236,31 +236,32 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
 fn time_steps(config: &BenchConfig, args: &Args, composed: bool) -> Result<Timing> {
     set_composed_ops(composed);
     // On a rayon worker, as the trainer runs its steps (see snapmix-train's `Trainer::run`).
-    let result = rayon::scope(|_| {
-        (|| {
-            let device = Device::Cpu;
-            let (model, mut sgd) = model_and_optimizer(config, args.classes, &device)?;
-            let (images, labels) = synthetic_batch(config, args.classes, &device)?;
-            let mut step = || -> Result<()> {
-                let logits = model.forward_t(&images, true)?.logits;
-                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-                sgd.step(&loss.backward()?)?;
-                Ok(())
-            };
-            for _ in 0..args.warmup {
-                step()?;
-            }
-            let mut times = Vec::with_capacity(args.steps);
-            for _ in 0..args.steps {
-                let start = Instant::now();
-                step()?;
-                times.push(start.elapsed().as_secs_f64() * 1e3);
-            }
-            Ok(Timing::new(times, config.batch))
-        })()
-    });
+    let result = rayon::scope(|_| time_cpu_steps(config, args));
     set_composed_ops(false);
     result
+}
+
+/// The warm-up and timed steps of [`time_steps`], on a fresh model.
+fn time_cpu_steps(config: &BenchConfig, args: &Args) -> Result<Timing> {
+    let device = Device::Cpu;
+    let (model, mut sgd) = model_and_optimizer(config, args.classes, &device)?;
+    let (images, labels) = synthetic_batch(config, args.classes, &device)?;
+    let mut step = || -> Result<()> {
+        let logits = model.forward_t(&images, true)?.logits;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        sgd.step(&loss.backward()?)?;
+        Ok(())
+    };
+    for _ in 0..args.warmup {
+        step()?;
+    }
+    let mut times = Vec::with_capacity(args.steps);
+    for _ in 0..args.steps {
+        let start = Instant::now();
+        step()?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(Timing::new(times, config.batch))
 }
 
 /// What every timed step trains: a freshly initialised model for `config` on `device` and plain
