@@ -498,23 +498,10 @@ pub(super) fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::test_util::{random, rel_err};
     use candle_core::Var;
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
-
-    fn random(rng: &mut ChaCha8Rng, dims: &[usize], offset: f32) -> Result<Tensor> {
-        let len = dims.iter().product();
-        let data: Vec<f32> = (0..len)
-            .map(|_| offset + rng.random_range(-1.0f32..1.0))
-            .collect();
-        Tensor::from_vec(data, dims, &Device::Cpu)
-    }
-
-    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
-        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
-        Ok(diff / scale.max(1e-12))
-    }
 
     fn check(dims: &[usize], offset: f32, relu: bool) -> Result<()> {
         let mut rng = ChaCha8Rng::seed_from_u64(11);

@@ -657,28 +657,16 @@ fn from_channel_major(src: &[f32], batch: usize, channels: usize, pixels: usize)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::test_util::{random, rel_err};
     use candle_core::{DType, Var};
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
-
-    fn random(rng: &mut ChaCha8Rng, dims: &[usize]) -> Result<Tensor> {
-        let len = dims.iter().product();
-        let data: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(data, dims, &Device::Cpu)
-    }
-
-    /// max |a - b| / max |b|: the relative error of a whole tensor.
-    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
-        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
-        Ok(diff / scale.max(1e-12))
-    }
 
     /// Forward, input and weight gradients against candle's conv2d for one geometry.
     fn check(x_dims: [usize; 4], w_dims: [usize; 4], stride: usize, padding: usize) -> Result<()> {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
-        let x = Var::from_tensor(&random(&mut rng, &x_dims)?)?;
-        let w = Var::from_tensor(&random(&mut rng, &w_dims)?)?;
+        let x = Var::from_tensor(&random(&mut rng, &x_dims, 0.0)?)?;
+        let w = Var::from_tensor(&random(&mut rng, &w_dims, 0.0)?)?;
         let reference = x.conv2d(&w, padding, stride, 1, 1)?;
         let ours = conv2d(&x, &w, stride, padding)?;
         assert_eq!(ours.dims(), reference.dims());
@@ -689,7 +677,7 @@ mod tests {
         );
 
         // A random linear loss, so every output element gets a distinct gradient.
-        let probe = random(&mut rng, reference.dims())?;
+        let probe = random(&mut rng, reference.dims(), 0.0)?;
         let ref_grads = (reference * &probe)?.sum_all()?.backward()?;
         let our_grads = (ours * &probe)?.sum_all()?.backward()?;
         for (name, var) in [("input", &x), ("weight", &w)] {
@@ -736,8 +724,8 @@ mod tests {
     #[test]
     fn the_image_batch_gets_no_gradient() -> Result<()> {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let images = random(&mut rng, &[2, 3, 8, 8])?;
-        let w = Var::from_tensor(&random(&mut rng, &[4, 3, 3, 3])?)?;
+        let images = random(&mut rng, &[2, 3, 8, 8], 0.0)?;
+        let w = Var::from_tensor(&random(&mut rng, &[4, 3, 3, 3], 0.0)?)?;
         let grads = conv2d(&images, &w, 1, 1)?.sum_all()?.backward()?;
         assert!(grads.get(&images).is_none());
         assert!(grads.get(&w).is_some());

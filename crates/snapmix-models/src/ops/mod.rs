@@ -10,3 +10,5 @@ mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dispatch;
+#[cfg(test)]
+mod test_util;
