@@ -170,11 +170,6 @@ impl BatchNorm2d {
         self.forward_maybe_relu_t(x, train, false)
     }
 
-    /// [`forward_t`](Self::forward_t) followed by ReLU, fused in training mode.
-    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_maybe_relu_t(x, train, true)
-    }
-
     /// `conv` then this batch norm (and ReLU when `relu`): in training mode as one fused op
     /// (see [`conv_batch_norm_train`]), so the conv output's gradient is never built.
     pub fn forward_conv_t(
