@@ -8,10 +8,11 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor,
-    WithDType, D,
+    bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
+    D,
 };
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 /// A square max-pool window: `kernel` x `kernel`, moved by `stride`, over an input padded by
 /// `padding` on every side (padding never wins a max, as in PyTorch).
@@ -67,9 +68,9 @@ impl MaxPool2d {
         let (_, _, rows, cols) = x.dims4()?;
         self.output_size(rows, cols)?;
         match x.device() {
-            Device::Cpu => x.contiguous()?.apply_op1(*self),
+            Device::Cpu => x.contiguous()?.apply_op1(PoolOp::new(*self)),
             Device::Cuda(_) if cfg!(feature = "cuda") && x.dtype() == DType::F32 => {
-                x.contiguous()?.apply_op1(*self)
+                x.contiguous()?.apply_op1(PoolOp::new(*self))
             }
             _ => self.forward_composed(x),
         }
@@ -193,45 +194,137 @@ fn contiguous_slice<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) 
     }
 }
 
+/// Pools one plane into `out`, writing each output's argmax (index in the plane) into `argmax`:
+/// a max down each window's rows for every column at once, then along each window's columns,
+/// picking the first maximum in row-major window order (the lowest row, then the lowest
+/// column, among equal values) as [`PlaneGeometry::window_argmax`] does. A plane holding NaN
+/// takes that per-window scan instead, so NaN wins as in PyTorch.
+fn pool_plane<T: WithDType>(
+    geometry: &PlaneGeometry,
+    plane: &[T],
+    out: &mut [T],
+    argmax: &mut [u32],
+    column_best: &mut ColumnBest<T>,
+) {
+    let cols = geometry.cols;
+    #[allow(clippy::eq_op)] // x != x is the NaN test for every dtype
+    if plane.iter().any(|&v| v != v) {
+        for (index, (out, argmax)) in out.iter_mut().zip(argmax.iter_mut()).enumerate() {
+            let best =
+                geometry.window_argmax(plane, index / geometry.out_cols, index % geometry.out_cols);
+            *out = plane[best];
+            *argmax = best as u32;
+        }
+        return;
+    }
+    let pool = geometry.pool;
+    let ColumnBest { value, row } = column_best;
+    value.resize(cols, T::zero());
+    row.resize(cols, 0);
+    for out_row in 0..geometry.out_rows {
+        let row_start = (out_row * pool.stride).saturating_sub(pool.padding);
+        let row_end = (out_row * pool.stride + pool.kernel - pool.padding).min(geometry.rows);
+        // Selects rather than branches: which row wins is data-dependent and unpredictable.
+        value.copy_from_slice(&plane[row_start * cols..][..cols]);
+        row.fill(row_start as u32);
+        for r in row_start + 1..row_end {
+            let src = &plane[r * cols..][..cols];
+            for ((best, best_row), &v) in value.iter_mut().zip(row.iter_mut()).zip(src) {
+                let wins = v > *best;
+                *best = if wins { v } else { *best };
+                *best_row = if wins { r as u32 } else { *best_row };
+            }
+        }
+        let out_at = out_row * geometry.out_cols;
+        for out_col in 0..geometry.out_cols {
+            let col_start = (out_col * pool.stride).saturating_sub(pool.padding);
+            let col_end = (out_col * pool.stride + pool.kernel - pool.padding).min(cols);
+            let mut best = col_start;
+            for c in col_start + 1..col_end {
+                let wins =
+                    value[c] > value[best] || (value[c] == value[best] && row[c] < row[best]);
+                best = if wins { c } else { best };
+            }
+            out[out_at + out_col] = value[best];
+            argmax[out_at + out_col] = (row[best] as usize * cols + best) as u32;
+        }
+    }
+}
+
+/// Per-column running maxima of [`pool_plane`]'s vertical pass, reused across planes.
+struct ColumnBest<T> {
+    value: Vec<T>,
+    row: Vec<u32>,
+}
+
+impl<T> ColumnBest<T> {
+    fn new() -> Self {
+        Self {
+            value: Vec::new(),
+            row: Vec::new(),
+        }
+    }
+}
+
+/// The pooled output and, per output, its argmax's index in its plane.
 fn pool_forward<T: WithDType>(
     pool: MaxPool2d,
     storage: &CpuStorage,
     layout: &Layout,
-) -> Result<(CpuStorage, Shape)> {
+) -> Result<(CpuStorage, Shape, Vec<u32>)> {
     let (geometry, planes) = PlaneGeometry::new(pool, layout)?;
     let input = contiguous_slice::<T>(storage, layout)?;
     let plane_in = geometry.rows * geometry.cols;
+    if plane_in > u32::MAX as usize {
+        bail!("max_pool2d: planes of {plane_in} pixels are too large");
+    }
     let plane_out = geometry.out_rows * geometry.out_cols;
     let mut output = vec![T::zero(); planes * plane_out];
+    let mut argmax = vec![0u32; planes * plane_out];
     output
         .par_chunks_mut(plane_out.max(1))
+        .zip(argmax.par_chunks_mut(plane_out.max(1)))
         .zip(input.par_chunks(plane_in.max(1)))
-        .for_each(|(out_plane, in_plane)| {
-            for out_row in 0..geometry.out_rows {
-                for out_col in 0..geometry.out_cols {
-                    let best = geometry.window_argmax(in_plane, out_row, out_col);
-                    out_plane[out_row * geometry.out_cols + out_col] = in_plane[best];
-                }
-            }
+        .for_each_init(ColumnBest::new, |column_best, ((out, argmax), plane)| {
+            pool_plane(&geometry, plane, out, argmax, column_best);
         });
     let (batch, channels, _, _) = layout.shape().dims4()?;
     let shape = Shape::from((batch, channels, geometry.out_rows, geometry.out_cols));
-    Ok((T::to_cpu_storage_owned(output), shape))
+    Ok((T::to_cpu_storage_owned(output), shape, argmax))
 }
 
-impl CustomOp1 for MaxPool2d {
+/// The op: on the CPU it keeps each output's argmax, so backward is one scatter.
+struct PoolOp {
+    pool: MaxPool2d,
+    argmax: OnceLock<Vec<u32>>,
+}
+
+impl PoolOp {
+    fn new(pool: MaxPool2d) -> Self {
+        Self {
+            pool,
+            argmax: OnceLock::new(),
+        }
+    }
+}
+
+impl CustomOp1 for PoolOp {
     fn name(&self) -> &'static str {
         "snapmix-max-pool2d"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        match storage.dtype() {
-            DType::F32 => pool_forward::<f32>(*self, storage, layout),
-            DType::F64 => pool_forward::<f64>(*self, storage, layout),
-            DType::F16 => pool_forward::<half::f16>(*self, storage, layout),
-            DType::BF16 => pool_forward::<half::bf16>(*self, storage, layout),
+        let (output, shape, argmax) = match storage.dtype() {
+            DType::F32 => pool_forward::<f32>(self.pool, storage, layout),
+            DType::F64 => pool_forward::<f64>(self.pool, storage, layout),
+            DType::F16 => pool_forward::<half::f16>(self.pool, storage, layout),
+            DType::BF16 => pool_forward::<half::bf16>(self.pool, storage, layout),
             other => bail!("max_pool2d: unsupported dtype {other:?}"),
+        }?;
+        if self.argmax.set(argmax).is_err() {
+            bail!("max_pool2d: an op instance ran its forward pass twice");
         }
+        Ok((output, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -240,95 +333,109 @@ impl CustomOp1 for MaxPool2d {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::max_pool::forward(*self, storage, layout)
+        super::cuda::max_pool::forward(self.pool, storage, layout)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad_arg = arg
-            .contiguous()?
-            .apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPool2dBackward(*self))?;
-        Ok(Some(grad_arg))
+        let grad_res = grad_res.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if grad_res.device().is_cuda() {
+            return arg
+                .contiguous()?
+                .apply_op2_no_bwd(&grad_res, &MaxPool2dBackward(self.pool))
+                .map(Some);
+        }
+        let Some(argmax) = self.argmax.get() else {
+            bail!(
+                "max_pool2d backward: no argmaxes recorded (the forward pass was not on the CPU)"
+            );
+        };
+        scatter_to_argmax(arg, &grad_res, argmax).map(Some)
     }
 }
 
-/// The gradient of [`MaxPool2d`] w.r.t. its input: `(input, grad_output) -> grad_input`. It
-/// recomputes each window's argmax instead of storing indices, trading a cheap rescan for
-/// memory.
+/// The CPU backward: each output gradient added to its window's recorded argmax.
+fn scatter_to_argmax(input: &Tensor, grad_out: &Tensor, argmax: &[u32]) -> Result<Tensor> {
+    let (_, _, rows, cols) = input.dims4()?;
+    let plane_in = rows * cols;
+    let (_, _, out_rows, out_cols) = grad_out.dims4()?;
+    let plane_out = out_rows * out_cols;
+    if grad_out.elem_count() != argmax.len() {
+        bail!(
+            "max_pool2d backward: gradient of {} values for {} pooled outputs",
+            grad_out.elem_count(),
+            argmax.len()
+        );
+    }
+    fn scatter<T: WithDType>(
+        grad_out: &[T],
+        argmax: &[u32],
+        planes: usize,
+        (plane_in, plane_out): (usize, usize),
+    ) -> Vec<T> {
+        let mut grad_in = vec![T::zero(); planes * plane_in];
+        grad_in
+            .par_chunks_mut(plane_in.max(1))
+            .zip(grad_out.par_chunks(plane_out.max(1)))
+            .zip(argmax.par_chunks(plane_out.max(1)))
+            .for_each(|((grad_in, grad_out), argmax)| {
+                for (&g, &index) in grad_out.iter().zip(argmax) {
+                    grad_in[index as usize] += g;
+                }
+            });
+        grad_in
+    }
+    let planes = input.elem_count() / plane_in.max(1);
+    let sizes = (plane_in, plane_out);
+    let (storage, layout) = grad_out.storage_and_layout();
+    let Storage::Cpu(storage) = &*storage else {
+        bail!("max_pool2d backward: expected a CPU gradient");
+    };
+    let shape = input.shape();
+    match storage.dtype() {
+        DType::F32 => {
+            let grad_in = scatter::<f32>(contiguous_slice(storage, layout)?, argmax, planes, sizes);
+            Tensor::from_vec(grad_in, shape, &Device::Cpu)
+        }
+        DType::F64 => {
+            let grad_in = scatter::<f64>(contiguous_slice(storage, layout)?, argmax, planes, sizes);
+            Tensor::from_vec(grad_in, shape, &Device::Cpu)
+        }
+        DType::F16 => {
+            let grad_in =
+                scatter::<half::f16>(contiguous_slice(storage, layout)?, argmax, planes, sizes);
+            Tensor::from_vec(grad_in, shape, &Device::Cpu)
+        }
+        DType::BF16 => {
+            let grad_in =
+                scatter::<half::bf16>(contiguous_slice(storage, layout)?, argmax, planes, sizes);
+            Tensor::from_vec(grad_in, shape, &Device::Cpu)
+        }
+        other => bail!("max_pool2d backward: unsupported dtype {other:?}"),
+    }
+}
+
+/// The CUDA gradient of [`MaxPool2d`] w.r.t. its input: `(input, grad_output) -> grad_input`,
+/// recomputing each window's argmax (the CPU op scatters to the argmaxes it recorded).
+#[cfg(feature = "cuda")]
 struct MaxPool2dBackward(MaxPool2d);
 
-fn pool_backward<T: WithDType>(
-    pool: MaxPool2d,
-    input: &CpuStorage,
-    input_layout: &Layout,
-    grad_out: &CpuStorage,
-    grad_layout: &Layout,
-) -> Result<(CpuStorage, Shape)> {
-    let (geometry, planes) = PlaneGeometry::new(pool, input_layout)?;
-    let (batch, channels, _, _) = input_layout.shape().dims4()?;
-    let expected = (batch, channels, geometry.out_rows, geometry.out_cols);
-    if grad_layout.shape().dims4()? != expected {
-        bail!(
-            "max_pool2d backward: gradient shape {:?}, expected {expected:?}",
-            grad_layout.shape()
-        )
-    }
-    let input = contiguous_slice::<T>(input, input_layout)?;
-    let grad_out = contiguous_slice::<T>(grad_out, grad_layout)?;
-    let plane_in = geometry.rows * geometry.cols;
-    let plane_out = geometry.out_rows * geometry.out_cols;
-    let mut grad_in = vec![T::zero(); planes * plane_in];
-    grad_in
-        .par_chunks_mut(plane_in.max(1))
-        .zip(input.par_chunks(plane_in.max(1)))
-        .zip(grad_out.par_chunks(plane_out.max(1)))
-        .for_each(|((grad_plane, in_plane), grad_out_plane)| {
-            for out_row in 0..geometry.out_rows {
-                for out_col in 0..geometry.out_cols {
-                    let best = geometry.window_argmax(in_plane, out_row, out_col);
-                    grad_plane[best] += grad_out_plane[out_row * geometry.out_cols + out_col];
-                }
-            }
-        });
-    Ok((
-        T::to_cpu_storage_owned(grad_in),
-        input_layout.shape().clone(),
-    ))
-}
-
-impl CustomOp2 for MaxPool2dBackward {
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp2 for MaxPool2dBackward {
     fn name(&self) -> &'static str {
         "snapmix-max-pool2d-backward"
     }
 
     fn cpu_fwd(
         &self,
-        input: &CpuStorage,
-        input_layout: &Layout,
-        grad_out: &CpuStorage,
-        grad_layout: &Layout,
+        _input: &CpuStorage,
+        _input_layout: &Layout,
+        _grad_out: &CpuStorage,
+        _grad_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if input.dtype() != grad_out.dtype() {
-            bail!(
-                "max_pool2d backward: input {:?} and gradient {:?} dtypes differ",
-                input.dtype(),
-                grad_out.dtype()
-            )
-        }
-        let pool = self.0;
-        match input.dtype() {
-            DType::F32 => pool_backward::<f32>(pool, input, input_layout, grad_out, grad_layout),
-            DType::F64 => pool_backward::<f64>(pool, input, input_layout, grad_out, grad_layout),
-            DType::F16 => {
-                pool_backward::<half::f16>(pool, input, input_layout, grad_out, grad_layout)
-            }
-            DType::BF16 => {
-                pool_backward::<half::bf16>(pool, input, input_layout, grad_out, grad_layout)
-            }
-            other => bail!("max_pool2d backward: unsupported dtype {other:?}"),
-        }
+        bail!("max_pool2d backward: the CPU pool scatters to its recorded argmaxes instead")
     }
 
-    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         input: &candle_core::CudaStorage,
@@ -520,6 +627,87 @@ mod tests {
                 }
             }
             assert_eq!(grad, expected);
+        }
+    }
+
+    /// Output and input gradient of the CPU op against a per-window scan, on inputs full of
+    /// ties (three levels, like post-ReLU maps) and with NaN in one plane.
+    #[test]
+    fn separable_pass_picks_the_window_scan_argmax() {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        for (pool, rows, cols) in [
+            (MaxPool2d::RESNET_STEM, 9, 10),
+            (MaxPool2d::RESNET_STEM, 8, 7),
+            (
+                MaxPool2d {
+                    kernel: 2,
+                    stride: 2,
+                    padding: 0,
+                },
+                6,
+                7,
+            ),
+            (
+                MaxPool2d {
+                    kernel: 3,
+                    stride: 1,
+                    padding: 1,
+                },
+                5,
+                4,
+            ),
+        ] {
+            let planes = 3;
+            let mut values: Vec<f32> = (0..planes * rows * cols)
+                .map(|_| rng.random_range(0..3) as f32)
+                .collect();
+            values[rows * cols + 5] = f32::NAN; // plane 1
+            let x = Var::from_tensor(
+                &Tensor::from_vec(values.clone(), (1, planes, rows, cols), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+            let out = pool.forward(&x).unwrap();
+            let (_, _, out_rows, out_cols) = out.dims4().unwrap();
+            let probe: Vec<f32> = (0..planes * out_rows * out_cols)
+                .map(|i| 1.0 + i as f32)
+                .collect();
+            let probe_t = Tensor::from_vec(probe.clone(), out.shape(), &Device::Cpu).unwrap();
+            let grad = (&out * &probe_t)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grad = grad
+                .get(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let out = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+
+            let geometry = PlaneGeometry {
+                rows,
+                cols,
+                out_rows,
+                out_cols,
+                pool,
+            };
+            let mut want_grad = vec![0f32; values.len()];
+            for plane in 0..planes {
+                let data = &values[plane * rows * cols..][..rows * cols];
+                for o in 0..out_rows * out_cols {
+                    let best = geometry.window_argmax(data, o / out_cols, o % out_cols);
+                    let got = out[plane * out_rows * out_cols + o];
+                    assert!(
+                        got.to_bits() == data[best].to_bits(),
+                        "{pool:?} output {plane}/{o}"
+                    );
+                    want_grad[plane * rows * cols + best] += probe[plane * out_rows * out_cols + o];
+                }
+            }
+            assert_eq!(grad, want_grad, "{pool:?} {rows}x{cols}");
         }
     }
 
