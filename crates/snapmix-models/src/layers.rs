@@ -6,7 +6,11 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::ops::{batch_norm::batch_norm_train, conv2d::conv2d, conv_bn::conv_batch_norm_train};
+use crate::ops::conv_bn::{
+    conv_batch_norm_add_relu_train, conv_batch_norm_train, conv_batch_norm_train_linked,
+    ShortcutLink,
+};
+use crate::ops::{batch_norm::batch_norm_train, conv2d::conv2d};
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -191,6 +195,55 @@ impl BatchNorm2d {
             &self.bias,
             self.eps,
             relu,
+        )?;
+        self.fold_batch_stats(&y, &batch_mean, &batch_var)?;
+        Ok(y)
+    }
+
+    /// Training mode, a residual block's first conv: [`Self::forward_conv_t`] whose input
+    /// gradient also carries the identity shortcut's, handed over through `link` by the
+    /// block's last conv ([`Self::forward_conv_add_relu_train`]).
+    pub fn forward_conv_linked_train(
+        &self,
+        conv: &Conv2d,
+        x: &Tensor,
+        relu: bool,
+        link: &ShortcutLink,
+    ) -> Result<Tensor> {
+        let (y, batch_mean, batch_var) = conv_batch_norm_train_linked(
+            x,
+            &conv.weight,
+            conv.stride,
+            conv.padding,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            relu,
+            link,
+        )?;
+        self.fold_batch_stats(&y, &batch_mean, &batch_var)?;
+        Ok(y)
+    }
+
+    /// Training mode, a residual block's last conv: `relu(bn(conv(x)) + shortcut)` as one op,
+    /// the identity shortcut's gradient going through `link` to the block's first conv.
+    pub fn forward_conv_add_relu_train(
+        &self,
+        conv: &Conv2d,
+        x: &Tensor,
+        shortcut: &Tensor,
+        link: &ShortcutLink,
+    ) -> Result<Tensor> {
+        let (y, batch_mean, batch_var) = conv_batch_norm_add_relu_train(
+            x,
+            &conv.weight,
+            conv.stride,
+            conv.padding,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            shortcut,
+            link,
         )?;
         self.fold_batch_stats(&y, &batch_mean, &batch_var)?;
         Ok(y)

@@ -17,6 +17,7 @@ use crate::layers::{
     PointwiseConv, Registry, RunningStats,
 };
 use crate::ops::add_relu::add_relu;
+use crate::ops::conv_bn::ShortcutLink;
 use crate::ops::max_pool::MaxPool2d;
 
 /// Names of the layers a pretrained body does not provide (the classifier and the mid-level
@@ -187,8 +188,21 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut out = x.clone();
         let last = self.convs.len() - 1;
+        if train && self.downsample.is_none() {
+            // The identity shortcut's gradient skips candle's graph (see `ShortcutLink`).
+            let link = ShortcutLink::new();
+            let mut out = x.clone();
+            for (index, (conv, bn)) in self.convs.iter().zip(&self.bns).enumerate() {
+                out = match index {
+                    0 => bn.forward_conv_linked_train(conv, &out, true, &link)?,
+                    i if i == last => bn.forward_conv_add_relu_train(conv, &out, x, &link)?,
+                    _ => bn.forward_conv_t(conv, &out, true, true)?,
+                };
+            }
+            return Ok(out);
+        }
+        let mut out = x.clone();
         for (index, (conv, bn)) in self.convs.iter().zip(&self.bns).enumerate() {
             out = bn.forward_conv_t(conv, &out, train, index != last)?;
         }

@@ -377,6 +377,19 @@ pub(super) fn normalise(
     stats: &BatchStats,
     relu: bool,
 ) -> Vec<f32> {
+    normalise_add(dims, x, gamma, beta, stats, relu, None)
+}
+
+/// [`normalise`] with `residual` (x's shape) added before the ReLU.
+pub(super) fn normalise_add(
+    dims: &BnDims,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    stats: &BatchStats,
+    relu: bool,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
     out.spare_capacity_mut()
         .par_chunks_mut(dims.pixels)
@@ -387,13 +400,23 @@ pub(super) fn normalise(
             let c = i % dims.channels;
             let scale = gamma[c] * stats.inv_std[c];
             let shift = beta[c] - stats.mean[c] * scale;
-            if relu {
-                for (o, &v) in out_row.iter_mut().zip(x_row) {
-                    o.write((v * scale + shift).max(0.0));
+            match (residual, relu) {
+                (Some(residual), _) => {
+                    let residual = &residual[i * dims.pixels..][..dims.pixels];
+                    let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
+                    for (o, (&v, &r)) in out_row.iter_mut().zip(x_row.iter().zip(residual)) {
+                        o.write((v * scale + shift + r).max(floor));
+                    }
                 }
-            } else {
-                for (o, &v) in out_row.iter_mut().zip(x_row) {
-                    o.write(v * scale + shift);
+                (None, true) => {
+                    for (o, &v) in out_row.iter_mut().zip(x_row) {
+                        o.write((v * scale + shift).max(0.0));
+                    }
+                }
+                (None, false) => {
+                    for (o, &v) in out_row.iter_mut().zip(x_row) {
+                        o.write(v * scale + shift);
+                    }
                 }
             }
         });

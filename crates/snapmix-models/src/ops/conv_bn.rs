@@ -2,11 +2,42 @@
 //! never materialises the gradient of the conv output, which it would otherwise zero-fill and
 //! add into a fresh buffer (three passes over the largest tensors of a ResNet step).
 
+use super::add_relu::add_relu;
 use super::batch_norm::{self, batch_norm_train, BackwardInputs, BatchStats, BnDims};
 use super::conv2d::{self as conv, conv2d, ConvGeometry};
 use super::cpu::{cpu_tensor, storage_f32, with_tensor_f32};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Links a residual block's first conv, which reads the block input, to its last, which adds
+/// that input back as the identity shortcut: the last one's backward leaves the shortcut's
+/// gradient here and the first one's backward adds it to the input gradient it returns. candle's
+/// autograd then sees the block input consumed once, so it never zero-fills and sums the input's
+/// gradient, nor builds the sum's.
+///
+/// Make one per block and forward pass; pass it to [`conv_batch_norm_train_linked`] for the
+/// first conv, then to [`conv_batch_norm_add_relu_train`] for the last.
+#[derive(Clone, Default)]
+pub struct ShortcutLink(Arc<Mutex<LinkState>>);
+
+#[derive(Default)]
+struct LinkState {
+    /// Whether a fused first conv will collect the gradient (else the add stays in the graph).
+    collector: bool,
+    gradient: Option<Vec<f32>>,
+}
+
+impl ShortcutLink {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, LinkState>> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("shortcut link: poisoned lock".into()))
+    }
+}
 
 /// `batch_norm_train(&conv2d(x, weight, stride, padding)?, gamma, beta, eps, relu)`, with the
 /// same outputs `(output, batch_mean, batch_var)`.
@@ -25,10 +56,121 @@ pub fn conv_batch_norm_train(
     eps: f64,
     relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let conv = ConvArgs {
+        x,
+        weight,
+        stride,
+        padding,
+    };
+    conv_batch_norm(conv, gamma, beta, eps, Tail::Plain { relu, link: None })
+}
+
+/// [`conv_batch_norm_train`] for a residual block's first conv: the input gradient it returns
+/// also carries the identity shortcut's, left in `link` by the block's last conv
+/// ([`conv_batch_norm_add_relu_train`]).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_batch_norm_train_linked(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+    link: &ShortcutLink,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let conv = ConvArgs {
+        x,
+        weight,
+        stride,
+        padding,
+    };
+    let tail = Tail::Plain {
+        relu,
+        link: Some(link),
+    };
+    conv_batch_norm(conv, gamma, beta, eps, tail)
+}
+
+/// A residual block's last conv with an identity shortcut: `relu(bn(conv(x)) + shortcut)`, with
+/// the batch statistics. When the block's first conv ran fused with the same `link`, the
+/// shortcut's gradient goes through `link` instead of candle's graph; otherwise this is exactly
+/// `add_relu(batch_norm_train(conv2d(x)), shortcut)`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_batch_norm_add_relu_train(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    shortcut: &Tensor,
+    link: &ShortcutLink,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let conv = ConvArgs {
+        x,
+        weight,
+        stride,
+        padding,
+    };
+    conv_batch_norm(conv, gamma, beta, eps, Tail::AddRelu { shortcut, link })
+}
+
+/// The conv half of the arguments.
+#[derive(Clone, Copy)]
+struct ConvArgs<'a> {
+    x: &'a Tensor,
+    weight: &'a Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+/// What follows the batch norm.
+#[derive(Clone, Copy)]
+enum Tail<'a> {
+    /// Optional ReLU; with a link, the input gradient also carries the linked shortcut's.
+    Plain {
+        relu: bool,
+        link: Option<&'a ShortcutLink>,
+    },
+    /// `relu(. + shortcut)`, the shortcut's gradient going to the link.
+    AddRelu {
+        shortcut: &'a Tensor,
+        link: &'a ShortcutLink,
+    },
+}
+
+fn conv_batch_norm(
+    conv: ConvArgs,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    tail: Tail,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let ConvArgs {
+        x,
+        weight,
+        stride,
+        padding,
+    } = conv;
     let fused = matches!(x.device(), Device::Cpu)
         && x.dtype() == DType::F32
         && weight.dtype() == DType::F32
         && !super::dispatch::composed_ops();
+    let (relu, collects, shortcut) = match tail {
+        Tail::Plain { relu, link } => (relu, link, None),
+        Tail::AddRelu { shortcut, link } => {
+            let linked = fused && shortcut.dtype() == DType::F32 && link.lock()?.collector;
+            if !linked {
+                let conv_out = conv2d(x, weight, stride, padding)?;
+                let (y, mean, var) = batch_norm_train(&conv_out, gamma, beta, eps, false)?;
+                return Ok((add_relu(&y, shortcut)?, mean, var));
+            }
+            (true, None, Some((shortcut, link)))
+        }
+    };
     if !fused {
         return batch_norm_train(&conv2d(x, weight, stride, padding)?, gamma, beta, eps, relu);
     }
@@ -36,6 +178,20 @@ pub fn conv_batch_norm_train(
     let dims = BnDims::new(geometry.out_shape().dims(), gamma.dims(), beta.dims())?;
     if eps.is_nan() || eps <= 0.0 {
         bail!("conv_batch_norm_train: eps must be positive, got {eps}");
+    }
+    if let Some((shortcut, _)) = shortcut {
+        if shortcut.dims() != geometry.out_shape().dims() {
+            bail!(
+                "conv_batch_norm_add_relu_train: shortcut {:?} differs from the output {:?}",
+                shortcut.dims(),
+                geometry.out_shape().dims()
+            );
+        }
+    }
+    if let Some(link) = collects {
+        let mut link = link.lock()?;
+        link.collector = x.track_op();
+        link.gradient = None;
     }
     let state = Arc::new(OnceLock::new());
     let op = ConvBatchNormOp {
@@ -45,6 +201,11 @@ pub fn conv_batch_norm_train(
         relu,
         input_grad: x.track_op(),
         state: state.clone(),
+        shortcut: match shortcut {
+            Some((shortcut, link)) => Some((shortcut.contiguous()?.detach(), link.clone())),
+            None => None,
+        },
+        collects: collects.cloned(),
     };
     let gamma_beta = Tensor::cat(&[gamma, beta], 0)?;
     let output = x.contiguous()?.apply_op3_arc(
@@ -76,6 +237,10 @@ struct ConvBatchNormOp {
     /// Whether backward must produce the input gradient (false for the image batch).
     input_grad: bool,
     state: Arc<OnceLock<ForwardState>>,
+    /// The identity shortcut added before the ReLU (as data) and where its gradient goes.
+    shortcut: Option<(Tensor, ShortcutLink)>,
+    /// Where a linked shortcut gradient to add to the input gradient comes from.
+    collects: Option<ShortcutLink>,
 }
 
 impl CustomOp3 for ConvBatchNormOp {
@@ -98,7 +263,19 @@ impl CustomOp3 for ConvBatchNormOp {
         let (gamma, beta) = gamma_beta.split_at(self.dims.channels());
         let conv_out = conv::forward(&self.geometry, x, weight)?;
         let stats = batch_norm::channel_stats(&self.dims, &conv_out, self.eps);
-        let out = batch_norm::normalise(&self.dims, &conv_out, gamma, beta, &stats, self.relu);
+        let normalise = |residual: Option<&[f32]>| {
+            batch_norm::normalise_add(
+                &self.dims, &conv_out, gamma, beta, &stats, self.relu, residual,
+            )
+        };
+        let out = match &self.shortcut {
+            Some((shortcut, _)) => {
+                with_tensor_f32(shortcut, "conv_batch_norm_add_relu_train shortcut", |s| {
+                    Ok(normalise(Some(s)))
+                })?
+            }
+            None => normalise(None),
+        };
         if self.state.set(ForwardState { conv_out, stats }).is_err() {
             bail!("conv_batch_norm_train: an op instance ran its forward pass twice");
         }
@@ -148,8 +325,24 @@ impl CustomOp3 for ConvBatchNormOp {
                 conv::backward(&self.geometry, x, weight, &grad_conv_out, self.input_grad)
             })
         })?;
+        if let Some((_, link)) = &self.shortcut {
+            // The shortcut's gradient: the output gradient where the ReLU let it through.
+            let grad_shortcut = with_tensor_f32(out, "conv_batch_norm_train output", |out| {
+                with_tensor_f32(&grad_out, "conv_batch_norm_train gradient", |grad| {
+                    Ok(relu_masked(grad, out))
+                })
+            })?;
+            link.lock()?.gradient = Some(grad_shortcut);
+        }
         let grad_x = match grad_x {
-            Some(data) => Some(cpu_tensor(data, x.shape())?),
+            Some(mut data) => {
+                if let Some(link) = &self.collects {
+                    if let Some(shortcut) = link.lock()?.gradient.take() {
+                        add_into(&mut data, &shortcut)?;
+                    }
+                }
+                Some(cpu_tensor(data, x.shape())?)
+            }
             None => None,
         };
         let mut grad_gamma_beta = grad_gamma;
@@ -160,6 +353,44 @@ impl CustomOp3 for ConvBatchNormOp {
             Some(cpu_tensor(grad_gamma_beta, 2 * channels)?),
         ))
     }
+}
+
+/// `grad` where `out` is positive, else 0, in parallel.
+fn relu_masked(grad: &[f32], out: &[f32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut masked = Vec::with_capacity(grad.len());
+    masked
+        .spare_capacity_mut()
+        .par_chunks_mut(1 << 15)
+        .zip(grad.par_chunks(1 << 15).zip(out.par_chunks(1 << 15)))
+        .for_each(|(dst, (grad, out))| {
+            for (d, (&g, &o)) in dst.iter_mut().zip(grad.iter().zip(out)) {
+                d.write(if o > 0.0 { g } else { 0.0 });
+            }
+        });
+    // SAFETY: the chunks above cover all `grad.len()` elements.
+    unsafe { masked.set_len(grad.len()) };
+    masked
+}
+
+/// `dst += src`, in parallel.
+fn add_into(dst: &mut [f32], src: &[f32]) -> Result<()> {
+    use rayon::prelude::*;
+    if dst.len() != src.len() {
+        bail!(
+            "shortcut link: a gradient of {} values for an input of {}",
+            src.len(),
+            dst.len()
+        );
+    }
+    dst.par_chunks_mut(1 << 15)
+        .zip(src.par_chunks(1 << 15))
+        .for_each(|(dst, src)| {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d += s;
+            }
+        });
+    Ok(())
 }
 
 #[cfg(test)]
@@ -226,6 +457,85 @@ mod tests {
         check([2, 4, 9, 9], [6, 4, 3, 3], 2, 1, false);
         check([3, 4, 7, 6], [5, 4, 1, 1], 1, 0, true);
         check([2, 3, 34, 30], [4, 3, 7, 7], 2, 3, true); // one GEMM per image
+    }
+
+    /// A residual block (conv-BN-ReLU, conv-BN, + identity, ReLU) through the linked ops
+    /// against the same block composed from candle ops: output and every gradient, including
+    /// the block input's, which reaches it through the link.
+    #[test]
+    fn linked_block_matches_the_composed_block() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        let input = Var::from_tensor(&random(&mut rng, &[3, 4, 6, 5], 0.0)?)?;
+        // Something upstream of the block, so its input is an inner node like in a ResNet.
+        let x = (input.as_tensor() * 1.5)?;
+        let w1 = Var::from_tensor(&random(&mut rng, &[4, 4, 3, 3], 0.0)?)?;
+        let w2 = Var::from_tensor(&random(&mut rng, &[4, 4, 3, 3], 0.0)?)?;
+        let gamma = Var::from_tensor(&random(&mut rng, &[4], 1.0)?)?;
+        let beta = Var::from_tensor(&random(&mut rng, &[4], 0.0)?)?;
+
+        let link = ShortcutLink::new();
+        let (h, _, _) =
+            conv_batch_norm_train_linked(&x, &w1, 1, 1, &gamma, &beta, 1e-5, true, &link)?;
+        let (got, _, _) =
+            conv_batch_norm_add_relu_train(&h, &w2, 1, 1, &gamma, &beta, 1e-5, &x, &link)?;
+        assert!(
+            link.lock()?.collector,
+            "the first conv should collect the shortcut gradient"
+        );
+
+        let h = batch_norm::reference(&x.conv2d(&w1, 1, 1, 1, 1)?, &gamma, &beta, 1e-5, true)?.0;
+        let z = batch_norm::reference(&h.conv2d(&w2, 1, 1, 1, 1)?, &gamma, &beta, 1e-5, false)?.0;
+        let want = (z + &x)?.relu()?;
+        assert!(rel_err(&got, &want)? < 1e-4);
+
+        let probe = random(&mut rng, want.dims(), 0.0)?;
+        let got_grads = (got * &probe)?.sum_all()?.backward()?;
+        let want_grads = (want * &probe)?.sum_all()?.backward()?;
+        for (name, var) in [
+            ("input", &input),
+            ("w1", &w1),
+            ("w2", &w2),
+            ("gamma", &gamma),
+            ("beta", &beta),
+        ] {
+            let err = rel_err(
+                got_grads.get(var).expect("linked gradient"),
+                want_grads.get(var).expect("composed gradient"),
+            )?;
+            assert!(err < 1e-4, "{name} gradient: {err}");
+        }
+        assert!(
+            link.lock()?.gradient.is_none(),
+            "the first conv took the gradient"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn without_a_fused_first_conv_the_shortcut_stays_in_the_graph() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(19);
+        let x = Var::from_tensor(&random(&mut rng, &[2, 4, 5, 5], 0.0)?)?;
+        let w = Var::from_tensor(&random(&mut rng, &[4, 4, 3, 3], 0.0)?)?;
+        let gamma = Var::from_tensor(&random(&mut rng, &[4], 1.0)?)?;
+        let beta = Var::from_tensor(&random(&mut rng, &[4], 0.0)?)?;
+        // No linked first conv ran: the link has no collector.
+        let link = ShortcutLink::new();
+        let (got, _, _) =
+            conv_batch_norm_add_relu_train(&x, &w, 1, 1, &gamma, &beta, 1e-5, &x, &link)?;
+        let z = batch_norm::reference(&x.conv2d(&w, 1, 1, 1, 1)?, &gamma, &beta, 1e-5, false)?.0;
+        let want = (z + x.as_tensor())?.relu()?;
+        let got_grad = got.sum_all()?.backward()?;
+        let want_grad = want.sum_all()?.backward()?;
+        let err = rel_err(got_grad.get(&x).unwrap(), want_grad.get(&x).unwrap())?;
+        assert!(err < 1e-4, "input gradient: {err}");
+        let bad = Tensor::zeros((2, 4, 5, 4), DType::F32, &Device::Cpu)?;
+        let first = ShortcutLink::new();
+        conv_batch_norm_train_linked(&x, &w, 1, 1, &gamma, &beta, 1e-5, true, &first)?;
+        let err = conv_batch_norm_add_relu_train(&x, &w, 1, 1, &gamma, &beta, 1e-5, &bad, &first)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("shortcut [2, 4, 5, 4]"), "{err}");
+        Ok(())
     }
 
     #[test]
