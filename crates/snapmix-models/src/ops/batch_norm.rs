@@ -4,6 +4,7 @@
 use super::cpu::{cpu_tensor, min_planes_per_task, storage_f32, with_tensor_f32};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
 
 /// Normalises `x` (`[N, C, ...]`) with its own batch statistics per channel, scales by `gamma`
@@ -271,6 +272,7 @@ impl CustomOp3 for BatchNormOp {
                                 stats,
                                 relu: self.relu,
                                 input_grad: self.input_grad,
+                                relu_grad: None,
                             },
                         ))
                     })
@@ -439,6 +441,8 @@ pub(super) struct BackwardInputs<'a> {
     pub(super) stats: &'a BatchStats,
     pub(super) relu: bool,
     pub(super) input_grad: bool,
+    /// Where to write the output gradient as the fused ReLU passed it (x's shape), if wanted.
+    pub(super) relu_grad: Option<&'a mut Vec<f32>>,
 }
 
 /// Gradients `(x, gamma, beta)`: one pass for the per-channel sums of g and g * (x - mean)
@@ -491,13 +495,9 @@ pub(super) fn backward(
     }
     // dx = gamma * inv_std * (g - mean(g) - x_hat * mean(g * x_hat)), written as a * g + b * x + d.
     let count = dims.count() as f32;
-    let mut grad_x = Vec::with_capacity(inp.x.len());
-    grad_x
-        .spare_capacity_mut()
-        .par_chunks_mut(pixels)
-        .enumerate()
-        .with_min_len(min_planes_per_task(pixels))
-        .for_each(|(row, dst)| {
+    let len = inp.x.len();
+    let row_gradient =
+        |row: usize, dst: &mut [MaybeUninit<f32>], relu_grad: Option<&mut [MaybeUninit<f32>]>| {
             let c = row % channels;
             let start = row * pixels;
             let inv_std = inp.stats.inv_std[c];
@@ -509,12 +509,46 @@ pub(super) fn backward(
                 image_row(inp.out, start),
                 image_row(inp.x, start),
             );
-            for (o, ((&g, &out), &x)) in dst.iter_mut().zip(grad.iter().zip(out).zip(x)) {
-                o.write(a * masked(g, out) + b * x + d);
+            match relu_grad {
+                Some(relu_grad) => {
+                    for ((o, r), ((&g, &out), &x)) in dst
+                        .iter_mut()
+                        .zip(relu_grad.iter_mut())
+                        .zip(grad.iter().zip(out).zip(x))
+                    {
+                        let g = masked(g, out);
+                        r.write(g);
+                        o.write(a * g + b * x + d);
+                    }
+                }
+                None => {
+                    for (o, ((&g, &out), &x)) in dst.iter_mut().zip(grad.iter().zip(out).zip(x)) {
+                        o.write(a * masked(g, out) + b * x + d);
+                    }
+                }
             }
-        });
-    // SAFETY: the rows above cover all `inp.x.len()` elements.
-    unsafe { grad_x.set_len(inp.x.len()) };
+        };
+    let mut grad_x = Vec::with_capacity(len);
+    let rows = grad_x.spare_capacity_mut().par_chunks_mut(pixels);
+    let min_rows = min_planes_per_task(pixels);
+    match inp.relu_grad {
+        Some(relu_grad) => {
+            relu_grad.clear();
+            relu_grad.reserve(len);
+            rows.zip(relu_grad.spare_capacity_mut().par_chunks_mut(pixels))
+                .enumerate()
+                .with_min_len(min_rows)
+                .for_each(|(row, (dst, relu_grad))| row_gradient(row, dst, Some(relu_grad)));
+            // SAFETY: the rows above cover all `len` elements.
+            unsafe { relu_grad.set_len(len) };
+        }
+        None => rows
+            .enumerate()
+            .with_min_len(min_rows)
+            .for_each(|(row, dst)| row_gradient(row, dst, None)),
+    }
+    // SAFETY: the rows above cover all `len` elements.
+    unsafe { grad_x.set_len(len) };
     (Some(grad_x), grad_gamma, grad_beta)
 }
 

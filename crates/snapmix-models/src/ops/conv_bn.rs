@@ -298,6 +298,9 @@ impl CustomOp3 for ConvBatchNormOp {
         };
         let grad_out = grad_out.contiguous()?;
         let channels = self.dims.channels();
+        // The shortcut's gradient: the output gradient where the ReLU let it through.
+        let mut grad_shortcut = Vec::new();
+        let wants_shortcut = self.shortcut.is_some();
         let (grad_conv_out, grad_gamma, grad_beta) =
             with_tensor_f32(gamma_beta, "conv_batch_norm_train gamma", |gamma_beta| {
                 with_tensor_f32(out, "conv_batch_norm_train output", |out| {
@@ -312,6 +315,7 @@ impl CustomOp3 for ConvBatchNormOp {
                                 stats: &state.stats,
                                 relu: self.relu,
                                 input_grad: true,
+                                relu_grad: wants_shortcut.then_some(&mut grad_shortcut),
                             },
                         ))
                     })
@@ -326,12 +330,6 @@ impl CustomOp3 for ConvBatchNormOp {
             })
         })?;
         if let Some((_, link)) = &self.shortcut {
-            // The shortcut's gradient: the output gradient where the ReLU let it through.
-            let grad_shortcut = with_tensor_f32(out, "conv_batch_norm_train output", |out| {
-                with_tensor_f32(&grad_out, "conv_batch_norm_train gradient", |grad| {
-                    Ok(relu_masked(grad, out))
-                })
-            })?;
             link.lock()?.gradient = Some(grad_shortcut);
         }
         let grad_x = match grad_x {
@@ -353,24 +351,6 @@ impl CustomOp3 for ConvBatchNormOp {
             Some(cpu_tensor(grad_gamma_beta, 2 * channels)?),
         ))
     }
-}
-
-/// `grad` where `out` is positive, else 0, in parallel.
-fn relu_masked(grad: &[f32], out: &[f32]) -> Vec<f32> {
-    use rayon::prelude::*;
-    let mut masked = Vec::with_capacity(grad.len());
-    masked
-        .spare_capacity_mut()
-        .par_chunks_mut(1 << 15)
-        .zip(grad.par_chunks(1 << 15).zip(out.par_chunks(1 << 15)))
-        .for_each(|(dst, (grad, out))| {
-            for (d, (&g, &o)) in dst.iter_mut().zip(grad.iter().zip(out)) {
-                d.write(if o > 0.0 { g } else { 0.0 });
-            }
-        });
-    // SAFETY: the chunks above cover all `grad.len()` elements.
-    unsafe { masked.set_len(grad.len()) };
-    masked
 }
 
 /// `dst += src`, in parallel.
