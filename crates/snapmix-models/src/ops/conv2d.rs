@@ -2,8 +2,8 @@
 //! backward, a GEMM each for the weight and input gradients (col2im), parallel with rayon.
 
 use super::cpu::{
-    cpu_tensor, matmul, matmul_serial, min_planes_per_task, storage_f32, with_tensor_f32, MatRef,
-    Scratch,
+    add_assign, cpu_tensor, matmul, matmul_serial, min_planes_per_task, storage_f32,
+    with_tensor_f32, MatRef, Scratch,
 };
 use candle_core::{bail, CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -206,7 +206,13 @@ impl CustomOp2 for Conv2dOp {
         let (grad_x, grad_w) = with_tensor_f32(x, "conv2d input", |x| {
             with_tensor_f32(weight, "conv2d weight", |weight| {
                 with_tensor_f32(&grad_out, "conv2d output gradient", |grad_out| {
-                    backward(&g, x, weight, grad_out, self.input_grad)
+                    backward(
+                        &g,
+                        x,
+                        weight,
+                        grad_out,
+                        InputGradient::new_if(self.input_grad),
+                    )
                 })
             })
         })?;
@@ -288,7 +294,7 @@ fn backward_per_image(
     x: &[f32],
     weight: &[f32],
     grad_out: &[f32],
-    input_grad: bool,
+    input_grad: InputGradient,
 ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
     let (k, o, p) = (g.patch_len(), g.out_channels, g.out_pixels());
     let image_len = g.in_channels * g.image_pixels();
@@ -315,27 +321,58 @@ fn backward_per_image(
         .collect::<Result<Vec<_>>>()?;
     let grad_w = sum_in_order(&partials, o * k);
 
-    let grad_x = if input_grad {
-        let weight_t = MatRef::row_major(weight, o, k).t();
-        let mut grad_x = vec![0.0; g.batch * image_len];
-        grad_x
-            .par_chunks_mut(image_len)
-            .zip(grad_out.par_chunks(o * p))
-            .try_for_each(|(grad_x, grad)| {
-                let grad = MatRef::row_major(grad, o, p);
-                if g.is_pointwise() {
-                    return matmul_serial(grad_x, false, weight_t, grad);
-                }
-                let mut grad_col = Scratch::take(k * p);
-                matmul_serial(&mut grad_col, false, weight_t, grad)?;
-                col2im_image(g, &grad_col, grad_x);
-                Ok(())
-            })?;
-        Some(grad_x)
-    } else {
-        None
+    let (mut grad_x, accumulate) = match input_grad.buffer(g.batch * image_len)? {
+        Some(buffer) => buffer,
+        None => return Ok((None, grad_w)),
     };
-    Ok((grad_x, grad_w))
+    let weight_t = MatRef::row_major(weight, o, k).t();
+    grad_x
+        .par_chunks_mut(image_len)
+        .zip(grad_out.par_chunks(o * p))
+        .try_for_each(|(grad_x, grad)| {
+            let grad = MatRef::row_major(grad, o, p);
+            if g.is_pointwise() {
+                return matmul_serial(grad_x, accumulate, weight_t, grad);
+            }
+            let mut grad_col = Scratch::take(k * p);
+            matmul_serial(&mut grad_col, false, weight_t, grad)?;
+            col2im_image(g, &grad_col, grad_x, accumulate);
+            Ok(())
+        })?;
+    Ok((Some(grad_x), grad_w))
+}
+
+/// What a backward pass does with the input gradient.
+pub(super) enum InputGradient {
+    /// Not wanted (the image batch, or an input nothing trainable feeds).
+    Skip,
+    /// Into a new buffer.
+    New,
+    /// Added into this buffer (of the input's length), which is returned.
+    AddTo(Vec<f32>),
+}
+
+impl InputGradient {
+    pub(super) fn new_if(wanted: bool) -> Self {
+        if wanted {
+            Self::New
+        } else {
+            Self::Skip
+        }
+    }
+
+    /// The buffer of `len` values to write into and whether to add to it, or `None` to skip.
+    fn buffer(self, len: usize) -> Result<Option<(Vec<f32>, bool)>> {
+        Ok(match self {
+            Self::Skip => None,
+            Self::New => Some((vec![0.0; len], false)),
+            Self::AddTo(buffer) if buffer.len() == len => Some((buffer, true)),
+            Self::AddTo(buffer) => bail!(
+                "conv2d backward: {} values to add the input gradient to, for an input of {len}",
+                buffer.len()
+            ),
+        })
+    }
 }
 
 /// Backward: grad_w = dY [O, N*P] * col^T, and (if wanted) grad_x = col2im(W^T * dY).
@@ -344,7 +381,7 @@ pub(super) fn backward(
     x: &[f32],
     weight: &[f32],
     grad_out: &[f32],
-    input_grad: bool,
+    input_grad: InputGradient,
 ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
     if g.runs_per_image() {
         return backward_per_image(g, x, weight, grad_out, input_grad);
@@ -366,27 +403,32 @@ pub(super) fn backward(
         weight_gradient(grad_cm, MatRef::row_major(&col, k, np))?
     };
 
-    let grad_x = if input_grad {
-        let mut grad_col = Scratch::take(k * np);
-        matmul(
-            &mut grad_col,
-            false,
-            MatRef::row_major(weight, g.out_channels, k).t(),
-            grad_cm,
-        )?;
-        let image_pixels = g.image_pixels();
-        let grad_x = if g.is_pointwise() {
-            from_channel_major(&grad_col, g.batch, g.in_channels, image_pixels)
-        } else {
-            let mut grad_x_cm = Scratch::take(g.batch * g.in_channels * image_pixels);
-            col2im(g, &grad_col, &mut grad_x_cm);
-            from_channel_major(&grad_x_cm, g.batch, g.in_channels, image_pixels)
-        };
-        Some(grad_x)
+    if matches!(input_grad, InputGradient::Skip) {
+        return Ok((None, grad_w));
+    }
+    let mut grad_col = Scratch::take(k * np);
+    matmul(
+        &mut grad_col,
+        false,
+        MatRef::row_major(weight, g.out_channels, k).t(),
+        grad_cm,
+    )?;
+    let image_pixels = g.image_pixels();
+    let grad_x = if g.is_pointwise() {
+        from_channel_major(&grad_col, g.batch, g.in_channels, image_pixels)
     } else {
-        None
+        let mut grad_x_cm = Scratch::take(g.batch * g.in_channels * image_pixels);
+        col2im(g, &grad_col, &mut grad_x_cm);
+        from_channel_major(&grad_x_cm, g.batch, g.in_channels, image_pixels)
     };
-    Ok((grad_x, grad_w))
+    let grad_x = match input_grad {
+        InputGradient::AddTo(mut buffer) => {
+            add_assign(&mut buffer, &grad_x)?;
+            buffer
+        }
+        _ => grad_x,
+    };
+    Ok((Some(grad_x), grad_w))
 }
 
 /// `grad_cm [O, N*P] * col [K, N*P]^T`. A long reduction (the early layers: few channels, many
@@ -612,11 +654,13 @@ fn col2im(g: &ConvGeometry, col: &[f32], image_cm: &mut [f32]) {
 }
 
 /// The adjoint of [`im2col_image`]: one image's input gradient `[C, rows*cols]` from its
-/// im2col-shaped gradient, on the calling thread.
-fn col2im_image(g: &ConvGeometry, col: &[f32], image: &mut [f32]) {
+/// im2col-shaped gradient (added to `image` when `accumulate`), on the calling thread.
+fn col2im_image(g: &ConvGeometry, col: &[f32], image: &mut [f32], accumulate: bool) {
     let taps = g.kernel_rows * g.kernel_cols;
     let image_pixels = g.image_pixels();
-    image.fill(0.0);
+    if !accumulate {
+        image.fill(0.0);
+    }
     for (row, src) in col.chunks_exact(g.out_pixels()).enumerate() {
         let (c, tap) = (row / taps, row % taps);
         let plane = &mut image[c * image_pixels..][..image_pixels];

@@ -4,7 +4,7 @@
 
 use super::add_relu::add_relu;
 use super::batch_norm::{self, batch_norm_train, BackwardInputs, BatchStats, BnDims};
-use super::conv2d::{self as conv, conv2d, ConvGeometry};
+use super::conv2d::{self as conv, conv2d, ConvGeometry, InputGradient};
 use super::cpu::{cpu_tensor, storage_f32, with_tensor_f32};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -324,23 +324,25 @@ impl CustomOp3 for ConvBatchNormOp {
         let Some(grad_conv_out) = grad_conv_out else {
             bail!("snapmix-conv-batch-norm: the batch norm returned no input gradient");
         };
+        // A linked shortcut's gradient (from the block's last conv) is where the input's starts.
+        let linked = match &self.collects {
+            Some(link) => link.lock()?.gradient.take(),
+            None => None,
+        };
+        let input_grad = match linked {
+            Some(shortcut) if self.input_grad => InputGradient::AddTo(shortcut),
+            _ => InputGradient::new_if(self.input_grad),
+        };
         let (grad_x, grad_w) = with_tensor_f32(x, "conv_batch_norm_train input", |x| {
             with_tensor_f32(weight, "conv_batch_norm_train weight", |weight| {
-                conv::backward(&self.geometry, x, weight, &grad_conv_out, self.input_grad)
+                conv::backward(&self.geometry, x, weight, &grad_conv_out, input_grad)
             })
         })?;
         if let Some((_, link)) = &self.shortcut {
             link.lock()?.gradient = Some(grad_shortcut);
         }
         let grad_x = match grad_x {
-            Some(mut data) => {
-                if let Some(link) = &self.collects {
-                    if let Some(shortcut) = link.lock()?.gradient.take() {
-                        add_into(&mut data, &shortcut)?;
-                    }
-                }
-                Some(cpu_tensor(data, x.shape())?)
-            }
+            Some(data) => Some(cpu_tensor(data, x.shape())?),
             None => None,
         };
         let mut grad_gamma_beta = grad_gamma;
@@ -351,26 +353,6 @@ impl CustomOp3 for ConvBatchNormOp {
             Some(cpu_tensor(grad_gamma_beta, 2 * channels)?),
         ))
     }
-}
-
-/// `dst += src`, in parallel.
-fn add_into(dst: &mut [f32], src: &[f32]) -> Result<()> {
-    use rayon::prelude::*;
-    if dst.len() != src.len() {
-        bail!(
-            "shortcut link: a gradient of {} values for an input of {}",
-            src.len(),
-            dst.len()
-        );
-    }
-    dst.par_chunks_mut(1 << 15)
-        .zip(src.par_chunks(1 << 15))
-        .for_each(|(dst, src)| {
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d += s;
-            }
-        });
-    Ok(())
 }
 
 #[cfg(test)]
@@ -442,20 +424,25 @@ mod tests {
     /// A residual block (conv-BN-ReLU, conv-BN, + identity, ReLU) through the linked ops
     /// against the same block composed from candle ops: output and every gradient, including
     /// the block input's, which reaches it through the link.
-    #[test]
-    fn linked_block_matches_the_composed_block() -> Result<()> {
+    fn check_linked_block(x_dims: [usize; 4], first_kernel: usize) -> Result<()> {
         let mut rng = ChaCha8Rng::seed_from_u64(13);
-        let input = Var::from_tensor(&random(&mut rng, &[3, 4, 6, 5], 0.0)?)?;
+        let channels = x_dims[1];
+        let input = Var::from_tensor(&random(&mut rng, &x_dims, 0.0)?)?;
         // Something upstream of the block, so its input is an inner node like in a ResNet.
         let x = (input.as_tensor() * 1.5)?;
-        let w1 = Var::from_tensor(&random(&mut rng, &[4, 4, 3, 3], 0.0)?)?;
-        let w2 = Var::from_tensor(&random(&mut rng, &[4, 4, 3, 3], 0.0)?)?;
-        let gamma = Var::from_tensor(&random(&mut rng, &[4], 1.0)?)?;
-        let beta = Var::from_tensor(&random(&mut rng, &[4], 0.0)?)?;
+        let pad1 = first_kernel / 2;
+        let w1 = Var::from_tensor(&random(
+            &mut rng,
+            &[channels, channels, first_kernel, first_kernel],
+            0.0,
+        )?)?;
+        let w2 = Var::from_tensor(&random(&mut rng, &[channels, channels, 3, 3], 0.0)?)?;
+        let gamma = Var::from_tensor(&random(&mut rng, &[channels], 1.0)?)?;
+        let beta = Var::from_tensor(&random(&mut rng, &[channels], 0.0)?)?;
 
         let link = ShortcutLink::new();
         let (h, _, _) =
-            conv_batch_norm_train_linked(&x, &w1, 1, 1, &gamma, &beta, 1e-5, true, &link)?;
+            conv_batch_norm_train_linked(&x, &w1, 1, pad1, &gamma, &beta, 1e-5, true, &link)?;
         let (got, _, _) =
             conv_batch_norm_add_relu_train(&h, &w2, 1, 1, &gamma, &beta, 1e-5, &x, &link)?;
         assert!(
@@ -463,10 +450,12 @@ mod tests {
             "the first conv should collect the shortcut gradient"
         );
 
-        let h = batch_norm::reference(&x.conv2d(&w1, 1, 1, 1, 1)?, &gamma, &beta, 1e-5, true)?.0;
+        let h = x.conv2d(&w1, pad1, 1, 1, 1)?;
+        let h = batch_norm::reference(&h, &gamma, &beta, 1e-5, true)?.0;
         let z = batch_norm::reference(&h.conv2d(&w2, 1, 1, 1, 1)?, &gamma, &beta, 1e-5, false)?.0;
         let want = (z + &x)?.relu()?;
-        assert!(rel_err(&got, &want)? < 1e-4);
+        let case = format!("{x_dims:?} first kernel {first_kernel}");
+        assert!(rel_err(&got, &want)? < 1e-4, "{case}");
 
         let probe = random(&mut rng, want.dims(), 0.0)?;
         let got_grads = (got * &probe)?.sum_all()?.backward()?;
@@ -482,13 +471,27 @@ mod tests {
                 got_grads.get(var).expect("linked gradient"),
                 want_grads.get(var).expect("composed gradient"),
             )?;
-            assert!(err < 1e-4, "{name} gradient: {err}");
+            assert!(err < 1e-4, "{name} gradient {case}: {err}");
         }
         assert!(
             link.lock()?.gradient.is_none(),
             "the first conv took the gradient"
         );
         Ok(())
+    }
+
+    #[test]
+    fn linked_block_matches_the_composed_block() -> Result<()> {
+        // Two threads, as on the 2-core machines: which conv path runs depends on it.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("a 2-thread pool");
+        pool.install(|| {
+            check_linked_block([3, 4, 6, 5], 3)?; // batch-wide conv paths
+            check_linked_block([2, 4, 12, 12], 3)?; // one GEMM per image
+            check_linked_block([2, 4, 12, 12], 1) // pointwise first conv, as in a bottleneck
+        })
     }
 
     #[test]

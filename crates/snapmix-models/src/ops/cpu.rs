@@ -47,6 +47,22 @@ pub(crate) fn cpu_tensor(data: Vec<f32>, shape: impl Into<Shape>) -> Result<Tens
     Tensor::from_vec(data, shape, &Device::Cpu)
 }
 
+/// `dst += src`, in parallel; the lengths must match.
+pub(crate) fn add_assign(dst: &mut [f32], src: &[f32]) -> Result<()> {
+    use rayon::prelude::*;
+    if dst.len() != src.len() {
+        bail!("add_assign: {} values added to {}", src.len(), dst.len());
+    }
+    dst.par_chunks_mut(1 << 15)
+        .zip(src.par_chunks(1 << 15))
+        .for_each(|(dst, src)| {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d += s;
+            }
+        });
+    Ok(())
+}
+
 /// Image planes (one channel of one image, `pixels` values) per rayon task in the elementwise
 /// passes: small feature maps (2x2 in layer4 at low resolution) would otherwise make one task
 /// per handful of values.
