@@ -1,5 +1,7 @@
-//! The end of every residual block, `relu(a + b)`, as one op: one pass forward, one masked pass
-//! backward, where candle's composed `(a + b).relu()` makes four tensors forward and backward.
+//! The end of a residual block with a downsample shortcut, `relu(a + b)`, as one op: one pass
+//! forward, one masked pass backward, where candle's composed `(a + b).relu()` makes four
+//! tensors forward and backward. (Identity shortcuts are added inside the block's last conv+BN
+//! op, see [`ShortcutLink`](super::conv_bn::ShortcutLink).)
 
 use super::cpu::{cpu_tensor, storage_f32, with_tensor_f32};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Tensor};

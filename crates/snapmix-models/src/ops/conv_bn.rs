@@ -28,6 +28,7 @@ struct LinkState {
 }
 
 impl ShortcutLink {
+    /// A link with nothing collected yet.
     pub fn new() -> Self {
         Self::default()
     }
