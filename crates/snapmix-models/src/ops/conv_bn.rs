@@ -1,6 +1,8 @@
 //! Conv2d followed by training-mode batch norm (and ReLU) as one CPU op: candle's autograd then
 //! never materialises the gradient of the conv output, which it would otherwise zero-fill and
-//! add into a fresh buffer (three passes over the largest tensors of a ResNet step).
+//! add into a fresh buffer (three passes over the largest tensors of a ResNet step). The same op
+//! ends a residual block with an identity shortcut (`relu(bn(conv(h)) + x)`), the shortcut's
+//! gradient reaching the block's first conv through a [`ShortcutLink`] rather than the graph.
 
 use super::add_relu::add_relu;
 use super::batch_norm::{self, batch_norm_train, BackwardInputs, BatchStats, BnDims};
