@@ -32,6 +32,11 @@ pub struct Args {
     /// Untimed steps first (allocations, scratch buffers, PyTorch's first-call work).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// CPU: rounds of (ours, then PyTorch) per config, alternating, their steps pooled: the
+    /// machine's speed drifts by 5-10% over minutes, and alternating makes both sides see the
+    /// same drift. The table adds the lowest and highest per-round ratio.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Threads for every side: rayon here, `torch.set_num_threads` in the baseline.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -132,6 +137,8 @@ struct Row {
     speed_vs_torch: Option<f64>,
     /// Candle's composed-ops ms per step over ours.
     speed_vs_composed: Option<f64>,
+    /// `speed_vs_torch` within each round (see `--rounds`).
+    round_ratios_vs_torch: Vec<f64>,
 }
 
 #[derive(Serialize)]
@@ -140,6 +147,7 @@ struct Report {
     unix_time: u64,
     cpu: String,
     threads: usize,
+    rounds: usize,
     steps: usize,
     warmup: usize,
     classes: usize,
@@ -162,6 +170,7 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
         std::process::exit(code);
     }
     ensure!(args.steps >= 1, "--steps must be at least 1");
+    ensure!(args.rounds >= 1, "--rounds must be at least 1");
     ensure!(args.threads >= 1, "--threads must be at least 1");
     let configs = args
         .configs
@@ -172,38 +181,52 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
     std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
     let repo = super::repo_root();
 
-    let mut rows = Vec::new();
-    for config in &configs {
-        eprintln!("bench-train: {} (fused ops)", config.label());
-        let fused = time_steps(config, &args, false)?;
-        let composed = if args.no_reference {
-            None
-        } else {
-            eprintln!("bench-train: {} (candle composed ops)", config.label());
-            Some(time_steps(config, &args, true)?)
-        };
+    let mut fused_times = vec![Vec::new(); configs.len()];
+    let mut torch_times = vec![Vec::new(); configs.len()];
+    let mut round_ratios = vec![Vec::new(); configs.len()];
+    let mut composed: Vec<Option<Timing>> = configs.iter().map(|_| None).collect();
+    let mut torch_version = None;
+    for round in 0..args.rounds {
+        let mut round_medians = Vec::with_capacity(configs.len());
+        for (index, config) in configs.iter().enumerate() {
+            eprintln!(
+                "bench-train: {} (fused ops, round {}/{})",
+                config.label(),
+                round + 1,
+                args.rounds
+            );
+            let times = time_steps(config, &args, false)?.times_ms;
+            round_medians.push(median(&times));
+            fused_times[index].extend(times);
+            if round == 0 && !args.no_reference {
+                eprintln!("bench-train: {} (candle composed ops)", config.label());
+                composed[index] = Some(time_steps(config, &args, true)?);
+            }
+        }
+        if !args.no_torch {
+            let (version, times) = run_torch(&repo, &configs, &args)?;
+            for (index, times) in times.into_iter().enumerate() {
+                round_ratios[index].push(median(&times) / round_medians[index]);
+                torch_times[index].extend(times);
+            }
+            torch_version = Some(version);
+        }
+    }
+    let mut rows = Vec::with_capacity(configs.len());
+    for (index, config) in configs.iter().enumerate() {
+        let fused = Timing::new(std::mem::take(&mut fused_times[index]), config.batch);
+        let torch = (!args.no_torch)
+            .then(|| Timing::new(std::mem::take(&mut torch_times[index]), config.batch));
+        let composed = composed[index].take();
         rows.push(Row {
             config: *config,
+            speed_vs_torch: torch.as_ref().map(|t| t.median_ms / fused.median_ms),
+            speed_vs_composed: composed.as_ref().map(|t| t.median_ms / fused.median_ms),
+            round_ratios_vs_torch: std::mem::take(&mut round_ratios[index]),
             fused,
             composed,
-            torch: None,
-            speed_vs_torch: None,
-            speed_vs_composed: None,
+            torch,
         });
-    }
-    let torch_version = if args.no_torch {
-        None
-    } else {
-        let (version, times) = run_torch(&repo, &configs, &args)?;
-        for (row, times) in rows.iter_mut().zip(times) {
-            row.torch = Some(Timing::new(times, row.config.batch));
-        }
-        Some(version)
-    };
-    for row in &mut rows {
-        let ours = row.fused.median_ms;
-        row.speed_vs_torch = row.torch.as_ref().map(|t| t.median_ms / ours);
-        row.speed_vs_composed = row.composed.as_ref().map(|t| t.median_ms / ours);
     }
     print_table(&rows, args.threads);
 
@@ -215,6 +238,7 @@ pub fn run(args: Args, device: DeviceSpec) -> Result<()> {
             .unwrap_or(0),
         cpu: cpu_model(),
         threads: args.threads,
+        rounds: args.rounds,
         steps: args.steps,
         warmup: args.warmup,
         classes: args.classes,
@@ -399,6 +423,22 @@ fn rerun_optimised() -> Result<Option<i32>> {
     Ok(Some(status.code().unwrap_or(1)))
 }
 
+/// The "vs PyTorch" cell: the pooled ratio, then with several rounds the lowest and highest
+/// per-round one.
+fn torch_ratio_cell(pooled: Option<f64>, rounds: &[f64]) -> String {
+    let Some(pooled) = pooled else {
+        return "-".to_string();
+    };
+    match rounds {
+        [] | [_] => format!("{pooled:.2}x"),
+        rounds => {
+            let low = rounds.iter().copied().fold(f64::INFINITY, f64::min);
+            let high = rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            format!("{pooled:.2}x ({low:.2}-{high:.2})")
+        }
+    }
+}
+
 fn print_table(rows: &[Row], threads: usize) {
     let ms = |t: &Option<Timing>| {
         t.as_ref()
@@ -416,7 +456,7 @@ fn print_table(rows: &[Row], threads: usize) {
             row.fused.images_per_s,
             ms(&row.composed),
             ms(&row.torch),
-            ratio(row.speed_vs_torch),
+            torch_ratio_cell(row.speed_vs_torch, &row.round_ratios_vs_torch),
             ratio(row.speed_vs_composed),
         );
     }
@@ -449,6 +489,16 @@ fn cpu_model() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ratio_cell_shows_the_round_range_only_for_several_rounds() {
+        assert_eq!(torch_ratio_cell(None, &[]), "-");
+        assert_eq!(torch_ratio_cell(Some(0.8321), &[0.8321]), "0.83x");
+        assert_eq!(
+            torch_ratio_cell(Some(0.83), &[0.86, 0.79, 0.84]),
+            "0.83x (0.79-0.86)"
+        );
+    }
 
     #[test]
     fn parses_configs_and_rejects_bad_ones() {
