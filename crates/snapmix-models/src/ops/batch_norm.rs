@@ -190,7 +190,7 @@ impl CustomOp3 for BatchNormOp {
         let gamma = storage_f32(gamma, g_layout, "batch_norm_train gamma")?;
         let beta = storage_f32(beta, b_layout, "batch_norm_train beta")?;
         let stats = channel_stats(&self.dims, x, self.eps);
-        let out = normalise(&self.dims, x, gamma, beta, &stats, self.relu);
+        let out = normalise(&self.dims, x, gamma, beta, &stats, self.relu, None);
         if self.stats.set(stats).is_err() {
             bail!("batch_norm_train: an op instance ran its forward pass twice");
         }
@@ -370,20 +370,9 @@ pub(super) fn channel_stats(dims: &BnDims, x: &[f32], eps: f32) -> BatchStats {
     BatchStats { mean, var, inv_std }
 }
 
-/// out = (x - mean) * inv_std * gamma + beta, then ReLU if asked.
+/// out = (x - mean) * inv_std * gamma + beta, plus `residual` (x's shape) if given, then ReLU if
+/// asked.
 pub(super) fn normalise(
-    dims: &BnDims,
-    x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    stats: &BatchStats,
-    relu: bool,
-) -> Vec<f32> {
-    normalise_add(dims, x, gamma, beta, stats, relu, None)
-}
-
-/// [`normalise`] with `residual` (x's shape) added before the ReLU.
-pub(super) fn normalise_add(
     dims: &BnDims,
     x: &[f32],
     gamma: &[f32],

@@ -701,7 +701,7 @@ fn from_channel_major(src: &[f32], batch: usize, channels: usize, pixels: usize)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::test_util::{random, rel_err};
+    use crate::ops::test_util::{on_two_threads, random, rel_err};
     use candle_core::{DType, Var};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
@@ -738,13 +738,7 @@ mod tests {
 
     #[test]
     fn matches_candle_on_resnet_geometries() -> Result<()> {
-        // Two threads, as on the 2-core machines: which path a geometry takes (batch-wide or
-        // per image) depends on the thread count.
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .expect("a 2-thread pool");
-        pool.install(|| {
+        on_two_threads(|| {
             // Batch-wide im2col (fewer than 128 output pixels per image).
             check([2, 3, 17, 15], [4, 3, 7, 7], 2, 3)?; // stem
             check([2, 5, 9, 8], [6, 5, 3, 3], 1, 1)?; // basic block

@@ -267,7 +267,7 @@ impl CustomOp3 for ConvBatchNormOp {
         let conv_out = conv::forward(&self.geometry, x, weight)?;
         let stats = batch_norm::channel_stats(&self.dims, &conv_out, self.eps);
         let normalise = |residual: Option<&[f32]>| {
-            batch_norm::normalise_add(
+            batch_norm::normalise(
                 &self.dims, &conv_out, gamma, beta, &stats, self.relu, residual,
             )
         };
@@ -361,7 +361,7 @@ impl CustomOp3 for ConvBatchNormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::test_util::{random, rel_err};
+    use crate::ops::test_util::{on_two_threads, random, rel_err};
     use candle_core::Var;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
@@ -485,12 +485,7 @@ mod tests {
 
     #[test]
     fn linked_block_matches_the_composed_block() -> Result<()> {
-        // Two threads, as on the 2-core machines: which conv path runs depends on it.
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .expect("a 2-thread pool");
-        pool.install(|| {
+        on_two_threads(|| {
             check_linked_block([3, 4, 6, 5], 3)?; // batch-wide conv paths
             check_linked_block([2, 4, 12, 12], 3)?; // one GEMM per image
             check_linked_block([2, 4, 12, 12], 1) // pointwise first conv, as in a bottleneck

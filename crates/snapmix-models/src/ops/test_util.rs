@@ -19,3 +19,13 @@ pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
     let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
     Ok(diff / scale.max(1e-12))
 }
+
+/// Runs `f` on a 2-thread rayon pool, as on the 2-core machines: which conv path a geometry
+/// takes (batch-wide or per image) depends on the thread count.
+pub(crate) fn on_two_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("a 2-thread pool")
+        .install(f)
+}
