@@ -186,7 +186,7 @@ impl BatchNorm2d {
         if !train {
             return self.forward_maybe_relu_t(&conv.forward(x)?, false, relu);
         }
-        let (y, batch_mean, batch_var) = conv_batch_norm_train(
+        self.keep_batch_stats(conv_batch_norm_train(
             x,
             &conv.weight,
             conv.stride,
@@ -195,9 +195,7 @@ impl BatchNorm2d {
             &self.bias,
             self.eps,
             relu,
-        )?;
-        self.fold_batch_stats(&y, &batch_mean, &batch_var)?;
-        Ok(y)
+        )?)
     }
 
     /// Training mode, a residual block's first conv: [`Self::forward_conv_t`] whose input
@@ -210,7 +208,7 @@ impl BatchNorm2d {
         relu: bool,
         link: &ShortcutLink,
     ) -> Result<Tensor> {
-        let (y, batch_mean, batch_var) = conv_batch_norm_train_linked(
+        self.keep_batch_stats(conv_batch_norm_train_linked(
             x,
             &conv.weight,
             conv.stride,
@@ -220,9 +218,7 @@ impl BatchNorm2d {
             self.eps,
             relu,
             link,
-        )?;
-        self.fold_batch_stats(&y, &batch_mean, &batch_var)?;
-        Ok(y)
+        )?)
     }
 
     /// Training mode, a residual block's last conv: `relu(bn(conv(x)) + shortcut)` as one op,
@@ -234,7 +230,7 @@ impl BatchNorm2d {
         shortcut: &Tensor,
         link: &ShortcutLink,
     ) -> Result<Tensor> {
-        let (y, batch_mean, batch_var) = conv_batch_norm_add_relu_train(
+        self.keep_batch_stats(conv_batch_norm_add_relu_train(
             x,
             &conv.weight,
             conv.stride,
@@ -244,9 +240,7 @@ impl BatchNorm2d {
             self.eps,
             shortcut,
             link,
-        )?;
-        self.fold_batch_stats(&y, &batch_mean, &batch_var)?;
-        Ok(y)
+        )?)
     }
 
     fn forward_maybe_relu_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
@@ -262,15 +256,21 @@ impl BatchNorm2d {
             )?;
             return if relu { y.relu() } else { Ok(y) };
         }
-        let (y, batch_mean, batch_var) =
-            batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
-        self.fold_batch_stats(&y, &batch_mean, &batch_var)?;
-        Ok(y)
+        self.keep_batch_stats(batch_norm_train(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            relu,
+        )?)
     }
 
     /// Folds the batch statistics of a training-mode output `y` into the running ones (the
-    /// variance unbiased, like PyTorch).
-    fn fold_batch_stats(&self, y: &Tensor, batch_mean: &Tensor, batch_var: &Tensor) -> Result<()> {
+    /// variance unbiased, like PyTorch) and returns `y`.
+    fn keep_batch_stats(
+        &self,
+        (y, batch_mean, batch_var): (Tensor, Tensor, Tensor),
+    ) -> Result<Tensor> {
         let (batch, _, rows, cols) = y.dims4()?;
         let count = batch * rows * cols;
         if count < 2 {
@@ -287,7 +287,7 @@ impl BatchNorm2d {
         stats.mean = mean.to_dtype(stats.mean.dtype())?;
         stats.var = var.to_dtype(stats.var.dtype())?;
         stats.num_batches_tracked += 1;
-        Ok(())
+        Ok(y)
     }
 }
 
