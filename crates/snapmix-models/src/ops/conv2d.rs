@@ -9,6 +9,8 @@ use candle_core::{bail, CpuStorage, CustomOp2, Device, Layout, Result, Shape, Te
 use rayon::prelude::*;
 use std::sync::Arc;
 
+mod taps;
+
 /// Convolves NCHW `x` with OIHW `weight` (no bias, no dilation, one group, the same stride and
 /// zero padding on both axes), as candle's `x.conv2d(weight, padding, stride, 1, 1)` does.
 ///
@@ -237,6 +239,9 @@ pub(super) fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec
     if g.runs_per_image() {
         return forward_per_image(g, x, weight);
     }
+    if taps::applies(g) {
+        return taps::forward(g, x, weight);
+    }
     let (k, np) = (g.patch_len(), g.batch * g.out_pixels());
     let mut col = Scratch::take(k * np);
     im2col(g, x, &mut col);
@@ -385,6 +390,15 @@ pub(super) fn backward(
 ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
     if g.runs_per_image() {
         return backward_per_image(g, x, weight, grad_out, input_grad);
+    }
+    if taps::applies(g) {
+        let image_len = g.in_channels * g.image_pixels();
+        let mut grad_x = input_grad.buffer(g.batch * image_len)?;
+        let target = grad_x
+            .as_mut()
+            .map(|(buffer, add)| (buffer.as_mut_slice(), *add));
+        let grad_w = taps::backward(g, x, weight, grad_out, target)?;
+        return Ok((grad_x.map(|(buffer, _)| buffer), grad_w));
     }
     let (k, np) = (g.patch_len(), g.batch * g.out_pixels());
     let mut grad_cm = Scratch::take(g.out_channels * np);
@@ -750,7 +764,13 @@ mod tests {
             check([2, 3, 5, 2], [4, 3, 5, 5], 1, 2)?; // column shifts as wide as the image
             check([1, 2, 4, 3], [3, 2, 7, 7], 1, 3)?; // and wider
             check([2, 3, 7, 6], [4, 3, 3, 3], 1, 0)?; // stride 1 without padding
-                                                      // One GEMM per image (at least 128 output pixels, an image per thread).
+                                                      // Tap GEMMs (stride 1, at most 64 output pixels, 16 images).
+            check([16, 5, 2, 2], [6, 5, 3, 3], 1, 1)?; // layer4 at 64x64
+            check([16, 70, 4, 4], [67, 70, 3, 3], 1, 1)?; // more rows than a forward task
+            check([17, 3, 3, 5], [4, 3, 5, 5], 1, 2)?; // taps that see no pixel
+            check([16, 3, 4, 6], [4, 3, 3, 3], 1, 0)?; // narrower output than input
+            check([16, 2, 1, 1], [3, 2, 3, 3], 1, 1)?; // a single pixel
+                                                       // One GEMM per image (at least 128 output pixels, an image per thread).
             check([9, 6, 12, 11], [5, 6, 1, 1], 1, 0)?; // 1x1, partials of 4 + 4 + 1
             check([2, 4, 16, 8], [7, 4, 1, 1], 1, 0)?; // 1x1, one partial
             check([5, 4, 12, 12], [6, 4, 3, 3], 1, 1)?; // 3x3, partials of 4 + 1

@@ -487,6 +487,7 @@ mod tests {
     fn linked_block_matches_the_composed_block() -> Result<()> {
         on_two_threads(|| {
             check_linked_block([3, 4, 6, 5], 3)?; // batch-wide conv paths
+            check_linked_block([16, 4, 3, 3], 3)?; // tap GEMMs
             check_linked_block([2, 4, 12, 12], 3)?; // one GEMM per image
             check_linked_block([2, 4, 12, 12], 1) // pointwise first conv, as in a bottleneck
         })

@@ -166,6 +166,23 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// A `rows x cols` matrix whose element (i, j) is `data[i * row_stride + j * col_stride]`.
+    pub(crate) fn strided(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        }
+    }
+
     pub(crate) fn rows(&self) -> usize {
         self.rows
     }
@@ -182,6 +199,11 @@ impl<'a> MatRef<'a> {
             cols: len.min(self.cols.saturating_sub(start)),
             ..self
         }
+    }
+
+    /// Rows `start..start + len` of the matrix, as a view.
+    pub(crate) fn row_range(self, start: usize, len: usize) -> Self {
+        self.t().columns(start, len).t()
     }
 
     /// The transpose, as a view.
@@ -206,7 +228,7 @@ impl<'a> MatRef<'a> {
 /// `dst = lhs * rhs` (or `dst += lhs * rhs` when `accumulate`), with `dst` row-major
 /// `lhs.rows x rhs.cols`; multi-threaded through the `gemm` crate on rayon's pool.
 pub(crate) fn matmul(dst: &mut [f32], accumulate: bool, lhs: MatRef, rhs: MatRef) -> Result<()> {
-    gemm_into(dst, accumulate, lhs, rhs, true)
+    gemm_into(dst, rhs.cols, accumulate, lhs, rhs, true)
 }
 
 /// [`matmul`] on the calling thread only, for GEMMs that are themselves tasks of a parallel loop.
@@ -216,20 +238,38 @@ pub(crate) fn matmul_serial(
     lhs: MatRef,
     rhs: MatRef,
 ) -> Result<()> {
-    gemm_into(dst, accumulate, lhs, rhs, false)
+    gemm_into(dst, rhs.cols, accumulate, lhs, rhs, false)
+}
+
+/// [`matmul_serial`] into a `lhs.rows x rhs.cols` block of a larger row-major matrix whose rows
+/// are `dst_row_stride` apart, starting at `dst[0]`.
+pub(crate) fn matmul_serial_into_block(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: MatRef,
+    rhs: MatRef,
+) -> Result<()> {
+    gemm_into(dst, dst_row_stride, accumulate, lhs, rhs, false)
 }
 
 fn gemm_into(
     dst: &mut [f32],
+    dst_row_stride: usize,
     accumulate: bool,
     lhs: MatRef,
     rhs: MatRef,
     parallel: bool,
 ) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rows != k || dst.len() != m * n || !lhs.in_bounds() || !rhs.in_bounds() {
+    let dst_fits = if dst_row_stride == n {
+        dst.len() == m * n
+    } else {
+        dst_row_stride >= n && (m == 0 || (m - 1) * dst_row_stride + n <= dst.len())
+    };
+    if rhs.rows != k || !dst_fits || !lhs.in_bounds() || !rhs.in_bounds() {
         bail!(
-            "matmul: shape mismatch ({m}x{k}) * ({}x{n}) into a buffer of {}",
+            "matmul: shape mismatch ({m}x{k}) * ({}x{n}) into a buffer of {} with rows {dst_row_stride} apart",
             rhs.rows,
             dst.len()
         );
@@ -239,7 +279,9 @@ fn gemm_into(
     }
     if k == 0 {
         if !accumulate {
-            dst.fill(0.0);
+            for row in dst.chunks_mut(dst_row_stride).take(m) {
+                row[..n].fill(0.0);
+            }
         }
         return Ok(());
     }
@@ -250,7 +292,7 @@ fn gemm_into(
         gemm::Parallelism::None
     };
     // SAFETY: every index the kernel reads or writes is within bounds: checked just above for
-    // both operands (`in_bounds`) and for `dst` (exactly m * n, row-major).
+    // both operands (`in_bounds`) and for `dst` (m rows of n, `dst_row_stride` apart).
     unsafe {
         gemm::gemm(
             m,
@@ -258,7 +300,7 @@ fn gemm_into(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_row_stride as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
@@ -327,6 +369,32 @@ mod tests {
             MatRef::row_major(&b, 7, 6)
         )
         .is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn matmul_into_a_block_writes_only_the_block() -> Result<()> {
+        let a: Vec<f32> = (0..12).map(|v| (v as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..12).map(|v| (v as f32 * 0.91).cos()).collect();
+        let (lhs, rhs) = (MatRef::row_major(&a, 3, 4), MatRef::row_major(&b, 4, 3));
+        let expected = naive(lhs, rhs);
+        // The 3x3 product into columns 2..5 of a 3x7 matrix of sevens.
+        let mut dst = [7.0; 21];
+        matmul_serial_into_block(&mut dst[2..], 7, true, lhs, rhs)?;
+        for (i, value) in dst.iter().enumerate() {
+            let (row, col) = (i / 7, i % 7);
+            let want = if (2..5).contains(&col) {
+                7.0 + expected[row * 3 + col - 2]
+            } else {
+                7.0
+            };
+            assert!(
+                (value - want).abs() < 1e-5,
+                "({row}, {col}): {value} vs {want}"
+            );
+        }
+        let err = matmul_serial_into_block(&mut dst[5..], 7, false, lhs, rhs).unwrap_err();
+        assert!(err.to_string().contains("rows 7 apart"), "{err}");
         Ok(())
     }
 
