@@ -780,6 +780,23 @@ mod tests {
     }
 
     #[test]
+    fn tap_gemms_take_small_stride_1_maps_and_large_weights_only_when_padding_dominates(
+    ) -> Result<()> {
+        let picks = |x: [usize; 4], w: [usize; 4], stride: usize| -> Result<bool> {
+            Ok(taps::applies(&ConvGeometry::new(&x, &w, stride, w[2] / 2)?))
+        };
+        assert!(picks([16, 256, 7, 7], [256, 256, 3, 3], 1)?);
+        assert!(picks([32, 512, 2, 2], [512, 512, 3, 3], 1)?); // 5/9 of im2col on padding
+        assert!(!picks([16, 512, 4, 4], [512, 512, 3, 3], 1)?); // 3/10 on padding
+        assert!(!picks([8, 256, 4, 4], [256, 256, 3, 3], 1)?); // too few images
+        assert!(!picks([16, 64, 9, 8], [64, 64, 3, 3], 1)?); // 72 output pixels
+        assert!(!picks([16, 64, 8, 8], [64, 64, 3, 3], 2)?);
+        assert!(!picks([16, 64, 8, 8], [64, 64, 1, 1], 1)?);
+        // And the large-weight path computes what candle does.
+        on_two_threads(|| check([16, 260, 2, 2], [258, 260, 3, 3], 1, 1))
+    }
+
+    #[test]
     fn the_image_batch_gets_no_gradient() -> Result<()> {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let images = random(&mut rng, &[2, 3, 8, 8], 0.0)?;
