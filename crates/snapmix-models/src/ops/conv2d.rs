@@ -341,7 +341,8 @@ fn backward_per_image(
             }
             let mut grad_col = Scratch::take(k * p);
             matmul_serial(&mut grad_col, false, weight_t, grad)?;
-            col2im_image(g, &grad_col, grad_x, accumulate);
+            // Into the new buffer's zeros or the gradient already there alike.
+            col2im_image_add(g, &grad_col, grad_x);
             Ok(())
         })?;
     Ok((Some(grad_x), grad_w))
@@ -667,14 +668,11 @@ fn col2im(g: &ConvGeometry, col: &[f32], image_cm: &mut [f32]) {
         });
 }
 
-/// The adjoint of [`im2col_image`]: one image's input gradient `[C, rows*cols]` from its
-/// im2col-shaped gradient (added to `image` when `accumulate`), on the calling thread.
-fn col2im_image(g: &ConvGeometry, col: &[f32], image: &mut [f32], accumulate: bool) {
+/// The adjoint of [`im2col_image`]: adds one image's input gradient from its im2col-shaped
+/// gradient into `image` `[C, rows*cols]`, on the calling thread.
+fn col2im_image_add(g: &ConvGeometry, col: &[f32], image: &mut [f32]) {
     let taps = g.kernel_rows * g.kernel_cols;
     let image_pixels = g.image_pixels();
-    if !accumulate {
-        image.fill(0.0);
-    }
     for (row, src) in col.chunks_exact(g.out_pixels()).enumerate() {
         let (c, tap) = (row / taps, row % taps);
         let plane = &mut image[c * image_pixels..][..image_pixels];

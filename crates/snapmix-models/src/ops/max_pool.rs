@@ -207,8 +207,13 @@ fn pool_plane<T: WithDType>(
     column_best: &mut ColumnBest<T>,
 ) {
     let cols = geometry.cols;
-    #[allow(clippy::eq_op)] // x != x is the NaN test for every dtype
-    if plane.iter().any(|&v| v != v) {
+    // x != x is the NaN test for every dtype; or-ed over chunks without an early exit inside a
+    // chunk so that the test vectorises (a short-circuiting scan of every value does not).
+    #[allow(clippy::eq_op)]
+    let has_nan = plane
+        .chunks(64)
+        .any(|chunk| chunk.iter().fold(false, |nan, &v| nan | (v != v)));
+    if has_nan {
         for (index, (out, argmax)) in out.iter_mut().zip(argmax.iter_mut()).enumerate() {
             let best =
                 geometry.window_argmax(plane, index / geometry.out_cols, index % geometry.out_cols);
