@@ -110,7 +110,11 @@ fn tap_weight<'a>(g: &ConvGeometry, weight: &'a [f32], tap: usize) -> MatRef<'a>
 /// stride. The input-gradient GEMMs, copy included, ran 1.4-1.8x faster on it than on the
 /// transposed OIHW view, whose reduction (over O) strides across `C * taps` values.
 fn transposed_by_tap(g: &ConvGeometry, weight: &[f32]) -> Vec<f32> {
+    // Tiles of 8 input channels (all taps) x 16 output channels: each destination row gets 16
+    // contiguous values, a cache line, at a time. Scattering one value to each of a block's
+    // rows, 4*O bytes apart, thrashed a few L1 sets and ran 3x slower (512 channels).
     const CHANNELS_PER_BLOCK: usize = 8;
+    const OUT_CHANNELS_PER_TILE: usize = 16;
     let (o, c, taps) = (g.out_channels, g.in_channels, g.kernel_rows * g.kernel_cols);
     let mut by_tap = Vec::with_capacity(weight.len());
     by_tap
@@ -118,17 +122,21 @@ fn transposed_by_tap(g: &ConvGeometry, weight: &[f32]) -> Vec<f32> {
         .par_chunks_mut(CHANNELS_PER_BLOCK * taps * o)
         .enumerate()
         .for_each(|(block, dst)| {
-            let first = block * CHANNELS_PER_BLOCK;
-            let channels = dst.len() / (taps * o);
-            // Row `out_channel` of the weight holds this block's `channels * taps` values in a run.
-            for (out_channel, src) in weight.chunks_exact(c * taps).enumerate() {
-                let src = &src[first * taps..][..channels * taps];
-                for (i, &value) in src.iter().enumerate() {
-                    dst[i * o + out_channel].write(value);
+            // The block's `channels * taps` values sit at this offset of every weight row.
+            let offset = block * CHANNELS_PER_BLOCK * taps;
+            for tile in (0..o).step_by(OUT_CHANNELS_PER_TILE) {
+                let tile_len = OUT_CHANNELS_PER_TILE.min(o - tile);
+                for (i, dst_row) in dst.chunks_exact_mut(o).enumerate() {
+                    let src = weight[(tile * c * taps + offset + i)..]
+                        .iter()
+                        .step_by(c * taps);
+                    for (d, &value) in dst_row[tile..tile + tile_len].iter_mut().zip(src) {
+                        d.write(value);
+                    }
                 }
             }
         });
-    // SAFETY: the blocks above write every one of the `weight.len()` values.
+    // SAFETY: every block writes all its rows' `o` values, so all `weight.len()` are written.
     unsafe { by_tap.set_len(weight.len()) };
     by_tap
 }
