@@ -766,9 +766,9 @@ mod tests {
             // Tap GEMMs (stride 1, at most 64 output pixels, 16 images).
             check([16, 5, 2, 2], [6, 5, 3, 3], 1, 1)?; // layer4 at 64x64
             check([16, 70, 4, 4], [67, 70, 3, 3], 1, 1)?; // more rows than a forward task
-            check([17, 3, 3, 5], [4, 3, 5, 5], 1, 2)?; // taps that see no pixel
+            check([17, 3, 3, 5], [4, 3, 5, 5], 1, 2)?; // a kernel taller than the map
             check([16, 3, 4, 6], [4, 3, 3, 3], 1, 0)?; // narrower output than input
-            check([16, 2, 1, 1], [3, 2, 3, 3], 1, 1)?; // a single pixel
+            check([16, 2, 1, 1], [3, 2, 3, 3], 1, 1)?; // one pixel: 8 of 9 taps see only padding
 
             // One GEMM per image (at least 128 output pixels, an image per thread).
             check([9, 6, 12, 11], [5, 6, 1, 1], 1, 0)?; // 1x1, partials of 4 + 4 + 1

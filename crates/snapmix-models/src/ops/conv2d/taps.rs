@@ -200,23 +200,33 @@ pub(super) fn backward(
         // Per output channel, tap-major `[taps, C]` (each tap's block has unit column stride),
         // reordered to OIHW's `[C, taps]` by the task that computed it.
         let task_rows = rows_per_thread(o);
-        let mut grad_w = vec![0.0; o * c * taps];
+        // Written once, by the reorder, so never zero-filled first.
+        let mut grad_w = Vec::with_capacity(o * c * taps);
         grad_w
+            .spare_capacity_mut()
             .par_chunks_mut(task_rows * c * taps)
             .enumerate()
             .try_for_each(|(task, grad_w)| -> Result<()> {
                 let rows = grad_w.len() / (c * taps);
                 let dy = dy_pm.row_range(task * task_rows, rows);
                 let mut by_tap = Scratch::take(grad_w.len());
-                by_tap.fill(0.0);
+                // A tap's first run writes its block, later ones add; a tap without runs (it
+                // sees only padding) has a zero gradient.
+                let mut written = vec![false; taps];
                 for run in &runs {
                     matmul_serial_into_block(
                         &mut by_tap[run.tap * c..],
                         c * taps,
-                        true,
+                        written[run.tap],
                         dy.columns(run.output, run.len),
                         x_pm.columns(run.input, run.len).t(),
                     )?;
+                    written[run.tap] = true;
+                }
+                for row in by_tap.chunks_exact_mut(c * taps) {
+                    for (block, _) in row.chunks_exact_mut(c).zip(&written).filter(|(_, w)| !**w) {
+                        block.fill(0.0);
+                    }
                 }
                 for (dst, src) in grad_w
                     .chunks_exact_mut(c * taps)
@@ -224,12 +234,15 @@ pub(super) fn backward(
                 {
                     for (channel, dst) in dst.chunks_exact_mut(taps).enumerate() {
                         for (tap, d) in dst.iter_mut().enumerate() {
-                            *d = src[tap * c + channel];
+                            d.write(src[tap * c + channel]);
                         }
                     }
                 }
                 Ok(())
             })?;
+        // SAFETY: the tasks above cover all `o * c * taps` values (every row, every channel
+        // and tap of it).
+        unsafe { grad_w.set_len(o * c * taps) };
         grad_w
     };
 
