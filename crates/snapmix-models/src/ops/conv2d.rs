@@ -792,7 +792,8 @@ mod tests {
         assert!(!picks([16, 64, 9, 8], [64, 64, 3, 3], 1)?); // 72 output pixels
         assert!(!picks([16, 64, 8, 8], [64, 64, 3, 3], 2)?);
         assert!(!picks([16, 64, 8, 8], [64, 64, 1, 1], 1)?);
-        // And the large-weight path computes what candle does.
+        assert!(!picks([16, 0, 4, 4], [8, 0, 3, 3], 1)?); // nothing to split into tasks
+                                                          // And the large-weight path computes what candle does.
         on_two_threads(|| check([16, 260, 2, 2], [258, 260, 3, 3], 1, 1))
     }
 

@@ -23,12 +23,13 @@ const MIN_BATCH: usize = 16;
 /// tap GEMMs on 8x8, 7x7 and 4x4 maps, 512 channels on 4x4 at batch 16 11% slower.
 const MAX_CACHED_TAP_WEIGHTS: usize = 256 * 256;
 
-/// Whether `g` runs as tap GEMMs: a stride-1 conv with a kernel larger than 1x1 on a map of at
-/// most [`MAX_OUT_PIXELS`] output pixels, for at least [`MIN_BATCH`] images; with weight slices
-/// larger than [`MAX_CACHED_TAP_WEIGHTS`] only where im2col would multiply padding at least
-/// half the time (2x2 maps: 21% faster at 512 channels, batch 32).
+/// Whether `g` runs as tap GEMMs: a stride-1 conv with channels and a kernel larger than 1x1 on
+/// a map of at most [`MAX_OUT_PIXELS`] output pixels, for at least [`MIN_BATCH`] images; with
+/// weight slices larger than [`MAX_CACHED_TAP_WEIGHTS`] only where im2col would multiply
+/// padding at least half the time (2x2 maps: 21% faster at 512 channels, batch 32).
 pub(super) fn applies(g: &ConvGeometry) -> bool {
     if g.stride != 1
+        || g.in_channels * g.out_channels == 0
         || g.kernel_rows * g.kernel_cols == 1
         || g.out_pixels() > MAX_OUT_PIXELS
         || g.batch < MIN_BATCH
@@ -157,20 +158,10 @@ pub(super) fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec
     let x_pm = to_pixel_major(x, g.batch, g.in_channels, g.image_pixels());
     let x_pm = MatRef::row_major(&x_pm, g.in_channels, in_len);
     let runs = runs(g);
-    let task_rows = FORWARD_ROWS_PER_TASK;
     let mut out_pm = Scratch::take(g.out_channels * out_len);
-    out_pm
-        .par_chunks_mut(task_rows * out_len)
-        .enumerate()
-        .try_for_each(|(task, dst)| {
-            let rows = dst.len() / out_len;
-            dst.fill(0.0);
-            runs.iter().try_for_each(|run| {
-                let weight = tap_weight(g, weight, run.tap).row_range(task * task_rows, rows);
-                let x = x_pm.columns(run.input, run.len);
-                matmul_serial_into_block(&mut dst[run.output..], out_len, true, weight, x)
-            })
-        })?;
+    let weight = |tap| tap_weight(g, weight, tap);
+    let out = (&mut out_pm[..], out_len);
+    sum_over_runs(&runs, false, weight, x_pm, out, FORWARD_ROWS_PER_TASK)?;
     Ok(from_pixel_major(
         &out_pm,
         g.batch,
@@ -247,25 +238,47 @@ pub(super) fn backward(
     };
 
     if let Some((grad_x, accumulate)) = grad_x {
-        let task_rows = rows_per_thread(c);
         let weight_t = transposed_by_tap(g, weight);
+        let weight_t = |tap| MatRef::strided(&weight_t[tap * o..], c, o, taps * o, 1);
         let mut dx_pm = Scratch::take(c * in_len);
-        dx_pm
-            .par_chunks_mut(task_rows * in_len)
-            .enumerate()
-            .try_for_each(|(task, dst)| {
-                let rows = dst.len() / in_len;
-                dst.fill(0.0);
-                runs.iter().try_for_each(|run| {
-                    let weight_t = MatRef::strided(&weight_t[run.tap * o..], c, o, taps * o, 1)
-                        .row_range(task * task_rows, rows);
-                    let dy = dy_pm.columns(run.output, run.len);
-                    matmul_serial_into_block(&mut dst[run.input..], in_len, true, weight_t, dy)
-                })
-            })?;
+        let dx = (&mut dx_pm[..], in_len);
+        sum_over_runs(&runs, true, weight_t, dy_pm, dx, rows_per_thread(c))?;
         write_from_pixel_major(&dx_pm, g.batch, c, g.image_pixels(), grad_x, accumulate);
     }
     Ok(grad_w)
+}
+
+/// `dst[:, to] += by_tap(run.tap) * src[:, from]` over every run, with `(from, to)` the run's
+/// input and output columns, or for the `adjoint` map (the input gradient) its output and input
+/// ones; `dst` (`by_tap`'s rows of `dst_cols` pixel-major columns) is zeroed first, then filled
+/// in tasks of `task_rows` rows.
+fn sum_over_runs<'a>(
+    runs: &[Run],
+    adjoint: bool,
+    by_tap: impl Fn(usize) -> MatRef<'a> + Sync,
+    src: MatRef,
+    (dst, dst_cols): (&mut [f32], usize),
+    task_rows: usize,
+) -> Result<()> {
+    if dst.is_empty() {
+        return Ok(());
+    }
+    dst.par_chunks_mut(task_rows.max(1) * dst_cols)
+        .enumerate()
+        .try_for_each(|(task, dst)| {
+            dst.fill(0.0);
+            let rows = dst.len() / dst_cols;
+            runs.iter().try_for_each(|run| {
+                let (from, to) = if adjoint {
+                    (run.output, run.input)
+                } else {
+                    (run.input, run.output)
+                };
+                let lhs = by_tap(run.tap).row_range(task * task_rows, rows);
+                let rhs = src.columns(from, run.len);
+                matmul_serial_into_block(&mut dst[to..], dst_cols, true, lhs, rhs)
+            })
+        })
 }
 
 /// NCHW `[N, C, P]` -> pixel-major `[C, P, N]`.
