@@ -798,6 +798,22 @@ mod tests {
     }
 
     #[test]
+    fn a_conv_without_input_channels_gives_zeros() -> Result<()> {
+        on_two_threads(|| {
+            for batch in [2, 16] {
+                let x =
+                    Var::from_tensor(&Tensor::zeros((batch, 0, 4, 4), DType::F32, &Device::Cpu)?)?;
+                let w = Var::from_tensor(&Tensor::zeros((8, 0, 3, 3), DType::F32, &Device::Cpu)?)?;
+                let out = conv2d(&x, &w, 1, 1)?;
+                assert_eq!(out.dims(), &[batch, 8, 4, 4]);
+                assert_eq!(out.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+                out.sum_all()?.backward()?;
+            }
+            Ok(())
+        })
+    }
+
+    #[test]
     fn the_image_batch_gets_no_gradient() -> Result<()> {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let images = random(&mut rng, &[2, 3, 8, 8], 0.0)?;
