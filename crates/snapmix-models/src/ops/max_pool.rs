@@ -241,6 +241,11 @@ fn pool_plane<T: WithDType>(
             }
         }
         let out_at = out_row * geometry.out_cols;
+        if pool == MaxPool2d::RESNET_STEM {
+            let outs = out_at..out_at + geometry.out_cols;
+            stem_columns(value, row, cols, &mut out[outs.clone()], &mut argmax[outs]);
+            continue;
+        }
         for out_col in 0..geometry.out_cols {
             let col_start = (out_col * pool.stride).saturating_sub(pool.padding);
             let col_end = (out_col * pool.stride + pool.kernel - pool.padding).min(cols);
@@ -253,6 +258,47 @@ fn pool_plane<T: WithDType>(
             out[out_at + out_col] = value[best];
             argmax[out_at + out_col] = (row[best] as usize * cols + best) as u32;
         }
+    }
+}
+
+/// [`pool_plane`]'s pass along a row of windows for the ResNet stem's pool (3 wide, stride 2,
+/// padding 1), from the per-column maxima `value` and their rows `row`: output `j` takes the
+/// first maximum of columns `2j - 1, 2j, 2j + 1` (a lower row wins a tie, then a lower column).
+/// Windows with all three columns inside take a fixed three-way comparison, without the
+/// generic pass's window bounds and loop (the input has at least one column).
+fn stem_columns<T: WithDType>(
+    value: &[T],
+    row: &[u32],
+    cols: usize,
+    out: &mut [T],
+    argmax: &mut [u32],
+) {
+    let index = |c: usize| row[c] * cols as u32 + c as u32;
+    let beats = |c: usize, best: usize| {
+        value[c] > value[best] || (value[c] == value[best] && row[c] < row[best])
+    };
+    // Output 0 sees columns 0 and 1 and, for an odd width, the last one its last two columns.
+    let edge = |first: usize, last: usize| {
+        let best = if last > first && beats(last, first) {
+            last
+        } else {
+            first
+        };
+        (value[best], index(best))
+    };
+    let outs = out.len();
+    (out[0], argmax[0]) = edge(0, 1.min(cols - 1));
+    let full_end = if cols % 2 == 1 { outs - 1 } else { outs };
+    if cols % 2 == 1 && outs > 1 {
+        (out[outs - 1], argmax[outs - 1]) = edge(cols - 2, cols - 1);
+    }
+    for j in 1..full_end {
+        let (a, b, c) = (2 * j - 1, 2 * j, 2 * j + 1);
+        let b_wins = beats(b, a);
+        let best = if b_wins { b } else { a };
+        let best = if beats(c, best) { c } else { best };
+        out[j] = value[best];
+        argmax[j] = index(best);
     }
 }
 
