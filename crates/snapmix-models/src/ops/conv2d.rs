@@ -503,8 +503,9 @@ fn valid_out_cols(g: &ConvGeometry, kernel_col: usize) -> (usize, usize) {
     )
 }
 
-/// Writes the im2col row of kernel tap (`kernel_row`, `kernel_col`) for one input plane: for
-/// every output pixel, the input pixel that tap sees, or 0 in the padding.
+/// Writes the im2col row of kernel tap (`kernel_row`, `kernel_col`) for one input plane (its
+/// rows split by [`split_column_phases`] for a strided conv): for every output pixel, the input
+/// pixel that tap sees, or 0 in the padding.
 fn fill_tap(
     g: &ConvGeometry,
     plane: &[f32],
@@ -516,28 +517,58 @@ fn fill_tap(
         return fill_tap_same_width(g, plane, kernel_row, kernel_col, dst);
     }
     let (lo, hi) = valid_out_cols(g, kernel_col);
+    let row_len = phased_row_len(g);
     for (out_row, dst_row) in dst.chunks_exact_mut(g.out_cols).enumerate() {
         let in_row = (out_row * g.stride + kernel_row).wrapping_sub(g.padding);
         if in_row >= g.rows {
             dst_row.fill(0.0);
             continue;
         }
-        let src_row = &plane[in_row * g.cols..][..g.cols];
+        let src_row = &plane[in_row * row_len..][..row_len];
         dst_row[..lo].fill(0.0);
         dst_row[hi..].fill(0.0);
         if lo == hi {
             continue;
         }
+        // Input columns first, first + stride, ...: one run of their column phase.
         let first = lo * g.stride + kernel_col - g.padding;
-        if g.stride == 1 {
-            dst_row[lo..hi].copy_from_slice(&src_row[first..first + (hi - lo)]);
-        } else {
-            let src = &src_row[first..=first + (hi - lo - 1) * g.stride];
-            for (i, d) in dst_row[lo..hi].iter_mut().enumerate() {
-                *d = src[i * g.stride];
-            }
+        let phase_len = g.cols.div_ceil(g.stride);
+        let start = first % g.stride * phase_len + first / g.stride;
+        dst_row[lo..hi].copy_from_slice(&src_row[start..start + (hi - lo)]);
+    }
+}
+
+/// Values per input row as [`fill_tap`] reads them: the row itself for stride 1, else split by
+/// [`split_column_phases`] into `stride` runs of `ceil(cols / stride)`.
+fn phased_row_len(g: &ConvGeometry) -> usize {
+    g.stride * g.cols.div_ceil(g.stride)
+}
+
+/// For a strided conv, every row of `planes` split by column phase: run `k` holds columns
+/// `k, k + stride, k + 2 * stride, ...`, so a kernel tap reads one contiguous run per output
+/// row instead of every `stride`-th value (for the stem's 7x7 taps, runs of 56 in 112). For
+/// stride 1 the planes as they are.
+fn split_column_phases<'a>(
+    g: &ConvGeometry,
+    planes: &'a [f32],
+    scratch: &'a mut Option<Scratch>,
+) -> &'a [f32] {
+    if g.stride == 1 || planes.is_empty() {
+        return planes;
+    }
+    let (cols, row_len, phase_len) = (g.cols, phased_row_len(g), g.cols.div_ceil(g.stride));
+    let split = scratch.insert(Scratch::take(planes.len() / cols * row_len));
+    for (dst, src) in split
+        .chunks_exact_mut(row_len)
+        .zip(planes.chunks_exact(cols))
+    {
+        for (phase, run) in dst.chunks_exact_mut(phase_len).enumerate() {
+            let values = src[phase.min(cols)..].iter().step_by(g.stride);
+            let written = run.iter_mut().zip(values).map(|(d, &v)| *d = v).count();
+            run[written..].fill(0.0);
         }
     }
+    split
 }
 
 /// [`fill_tap`] for stride 1 with as many output as input columns: the tap's row is then the
@@ -621,11 +652,13 @@ fn add_tap(g: &ConvGeometry, src: &[f32], kernel_row: usize, kernel_col: usize, 
 fn im2col(g: &ConvGeometry, x: &[f32], col: &mut [f32]) {
     let (p, np) = (g.out_pixels(), g.batch * g.out_pixels());
     let taps = g.kernel_rows * g.kernel_cols;
-    let image_pixels = g.image_pixels();
+    let mut phased = None;
+    let x = split_column_phases(g, x, &mut phased);
+    let plane_len = g.rows * phased_row_len(g);
     col.par_chunks_mut(np).enumerate().for_each(|(row, dst)| {
         let (c, tap) = (row / taps, row % taps);
         for n in 0..g.batch {
-            let plane = &x[(n * g.in_channels + c) * image_pixels..][..image_pixels];
+            let plane = &x[(n * g.in_channels + c) * plane_len..][..plane_len];
             fill_tap(
                 g,
                 plane,
@@ -640,10 +673,12 @@ fn im2col(g: &ConvGeometry, x: &[f32], col: &mut [f32]) {
 /// The im2col matrix `[C*KH*KW, P]` of one image, on the calling thread.
 fn im2col_image(g: &ConvGeometry, image: &[f32], col: &mut [f32]) {
     let taps = g.kernel_rows * g.kernel_cols;
-    let image_pixels = g.image_pixels();
+    let mut phased = None;
+    let image = split_column_phases(g, image, &mut phased);
+    let plane_len = g.rows * phased_row_len(g);
     for (row, dst) in col.chunks_exact_mut(g.out_pixels()).enumerate() {
         let (c, tap) = (row / taps, row % taps);
-        let plane = &image[c * image_pixels..][..image_pixels];
+        let plane = &image[c * plane_len..][..plane_len];
         fill_tap(g, plane, tap / g.kernel_cols, tap % g.kernel_cols, dst);
     }
 }
