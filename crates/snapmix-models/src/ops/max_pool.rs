@@ -505,6 +505,18 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
+    /// The gradient of `sum(out * weights)` with respect to `x`, flattened.
+    fn weighted_sum_gradient<T: WithDType>(out: &Tensor, weights: &Tensor, x: &Var) -> Vec<T> {
+        let grads = (out * weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grad = grads.get(x).expect("x's gradient");
+        grad.flatten_all().unwrap().to_vec1::<T>().unwrap()
+    }
+
     fn random_input(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let count = shape.0 * shape.1 * shape.2 * shape.3;
@@ -603,19 +615,7 @@ mod tests {
                 .to_scalar::<f64>()
                 .unwrap()
         };
-        let grads = (pool.forward(&x).unwrap() * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let analytic = grads
-            .get(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let analytic: Vec<f64> = weighted_sum_gradient(&pool.forward(&x).unwrap(), &weights, &x);
         let values = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         // The loss is piecewise linear; inputs are distinct random values >1e-3 apart with high
         // probability, so a 1e-6 step never crosses a kink and central differences are exact.
@@ -638,18 +638,9 @@ mod tests {
         }
         assert!(nonzero > 20, "too few inputs received gradient: {nonzero}");
         // The composed (non-CPU) route gives the same gradient.
-        let composed = (pool.forward_composed(&x).unwrap() * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        let composed_grad = composed
-            .backward()
-            .unwrap()
-            .get(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap();
-        assert_eq!(composed_grad.to_vec1::<f64>().unwrap(), analytic);
+        let composed = pool.forward_composed(&x).unwrap();
+        let composed_grad: Vec<f64> = weighted_sum_gradient(&composed, &weights, &x);
+        assert_eq!(composed_grad, analytic);
     }
 
     #[test]
@@ -723,19 +714,7 @@ mod tests {
                 .map(|i| 1.0 + i as f32)
                 .collect();
             let probe_t = Tensor::from_vec(probe.clone(), out.shape(), &Device::Cpu).unwrap();
-            let grad = (&out * &probe_t)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let grad = grad
-                .get(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let grad: Vec<f32> = weighted_sum_gradient(&out, &probe_t, &x);
             let out = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
 
             let geometry = PlaneGeometry {
