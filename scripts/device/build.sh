@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # scripts/device/build.sh — builds the device kit here (no GPU needed) for scripts/device/run.sh
 # on the lent GPU machine (which has no Rust): the CUDA test binaries of snapmix-cam, snapmix-mix
-# and snapmix-models (--features cuda), the release xtask (--features cuda), data/golden, all
-# stripped and packed into one xz tarball, plus device-env.sh and torch_baseline.py from
+# and snapmix-models (--features cuda) and the release xtask (--features cuda), all stripped and
+# packed into one xz tarball (data/golden is tracked, so it travels with the working tree), plus device-env.sh and torch_baseline.py from
 # ../shared/gpu. Output: target/device-kit/ (git-ignored), under 64 MiB; carry it to the device.
 #
 # Usage (from anywhere in the repository):  bash scripts/device/build.sh
@@ -66,14 +66,13 @@ nice -n 10 cargo build --release -p xtask --features cuda
 cp "$CARGO_TARGET_DIR/release/xtask" "$stage/xtask"
 
 strip "$stage/xtask" "$stage"/bin/*
-cp -r data/golden "$stage/golden"
 
 # 3. One solid xz tarball: the binaries share candle's kernels, so a large dictionary packs the
 #    copies into little more than one.
 rm -rf "$KIT"
 mkdir -p "$KIT"
 say "compressing ($(du -sh "$stage" | cut -f1) staged)"
-tar -C "$stage" -cf - xtask bin golden | xz -9 --lzma2=preset=9,dict=256MiB -T1 > "$KIT/kit.tar.xz"
+tar -C "$stage" -cf - xtask bin | xz -9 --lzma2=preset=9,dict=256MiB -T1 > "$KIT/kit.tar.xz"
 cp "$SHARED_GPU/device-env.sh" "$SHARED_GPU/torch_baseline.py" "$KIT/"
 chmod u+w "$KIT"/*
 {

@@ -63,7 +63,7 @@ gpu_tests() {
 gpu_tests cam-cuda "${CAM_TIMEOUT:-120}" "$KIT/bin/snapmix_cam.cuda" --test-threads=1 --nocapture
 gpu_tests mix-cuda "${MIX_TIMEOUT:-180}" "$KIT/bin/snapmix_mix.cuda" --test-threads=1 --nocapture
 wanted golden && step golden "${GOLDEN_TIMEOUT:-120}" env SNAPMIX_TEST_DEVICE=cuda \
-  SNAPMIX_GOLDEN_DIR="$KIT/golden/mix" "$KIT/bin/snapmix_mix.golden" --nocapture
+  SNAPMIX_GOLDEN_DIR=data/golden/mix "$KIT/bin/snapmix_mix.golden" --nocapture
 if wanted bench-mix; then
   # bench-mix writes target/bench/bench-mix.json under the repository root (here: the cwd).
   rm -f target/bench/bench-mix.json

@@ -218,7 +218,21 @@ impl CustomOp1 for MixOp {
         for d in &dims {
             launch.arg(d);
         }
-        unsafe { launch.launch(grid(total, 1)?) }.w()?;
+        let [batch, channels, rows, cols] = dims.map(|d| d as usize);
+        let (plane, planes) = (rows * cols, batch * channels);
+        if plane > u32::MAX as usize || planes > u32::MAX as usize {
+            bail!("snapmix-mix CUDA kernels: {planes} planes of {rows}x{cols} exceed u32 indexes");
+        }
+        let config = LaunchConfig {
+            grid_dim: (
+                plane.div_ceil(BLOCK as usize).clamp(1, 1 << 16) as u32,
+                planes.clamp(1, 65535) as u32,
+                1,
+            ),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { launch.launch(config) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(dst, dev.clone()),
             layout.shape().clone(),

@@ -5,7 +5,7 @@
 #   models-cuda  snapmix-models' CUDA op tests: forward and every gradient of conv2d (cuDNN),
 #                batch norm and max pool against the CPU path, and a ResNet-18 training step
 #   torch-train  python3 torch_baseline.py --sections train (-> $OUT/torch_baseline_train.json)
-#   bench-train  xtask --device cuda bench-train, ResNet-50 b16 448, fp32 and tf32, with peak
+#   bench-train  xtask --device cuda bench-train, ResNet-50 b16 and b32 448, fp32 and tf32, with peak
 #                memory and the ratios to PyTorch's rows (-> $OUT/bench-train.json)
 #   train-run    xtask --device cuda train --preset cub-resnet50 on synthetic data, 200 steps
 # A failing step does not stop the others; the exit status says whether any failed.
@@ -60,19 +60,19 @@ if wanted bench-train; then
   # bench-train writes target/bench/bench-train.json under the repository root (here: the cwd).
   rm -f target/bench/bench-train.json
   step bench-train "${BENCH_TRAIN_TIMEOUT:-150}" "$KIT/xtask" --device cuda bench-train \
-    --configs resnet50:16:448 --precisions fp32,tf32 --steps 10 --warmup 3 \
+    --configs resnet50:16:448,resnet50:32:448 --precisions fp32,tf32 --steps 10 --warmup 3 --no-reference \
     ${torch_json:+--torch-json "$torch_json"}
   [[ -f target/bench/bench-train.json ]] && cp target/bench/bench-train.json "$OUT/bench-train.json"
 fi
 
 if wanted train-run; then
   # The CUB ResNet-50 recipe (448 crops, batch 16) from scratch on the synthetic set, which needs
-  # no files: 200 classes x 8 images = 100 steps per epoch, 2 epochs.
+  # no files: 16 classes (its most) x 100 images = 100 steps per epoch, 2 epochs.
   step train-run "${TRAIN_RUN_TIMEOUT:-240}" "$KIT/xtask" --device cuda train \
     --preset cub-resnet50 --dataset synthetic --pretrained none --epochs 2 --plain --overwrite \
     --run-dir "$OUT/train-run" \
-    --set data.synthetic.classes=200 --set data.synthetic.train_per_class=8 \
-    --set data.synthetic.test_per_class=1 --set data.synthetic.image_size=448
+    --set data.synthetic.classes=16 --set data.synthetic.train_per_class=100 \
+    --set data.synthetic.test_per_class=2 --set data.synthetic.image_size=448
 fi
 
 say "done in ${SECONDS}s: $failures step(s) failed"
