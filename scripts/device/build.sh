@@ -65,7 +65,8 @@ say "building the release xtask"
 nice -n 10 cargo build --release -p xtask --features cuda
 cp "$CARGO_TARGET_DIR/release/xtask" "$stage/xtask"
 
-strip "$stage/xtask" "$stage"/bin/*
+# Debug info goes, symbols stay: backtraces from the device name their functions.
+strip --strip-debug "$stage/xtask" "$stage"/bin/*
 
 # 3. One solid xz tarball: the binaries share candle's kernels, so a large dictionary packs the
 #    copies into little more than one.

@@ -67,8 +67,14 @@ impl DeviceSpec {
     pub fn open(self) -> Result<candle_core::Device> {
         Ok(match self {
             Self::Cpu => candle_core::Device::Cpu,
-            Self::Cuda(n) => candle_core::Device::new_cuda(n)
-                .with_context(|| format!("cannot open CUDA device {n}"))?,
+            Self::Cuda(n) => {
+                let device = candle_core::Device::new_cuda(n)
+                    .with_context(|| format!("cannot open CUDA device {n}"))?;
+                #[cfg(feature = "cuda")]
+                snapmix_models::ops::cuda::memory::retain_freed_memory(&device)
+                    .with_context(|| format!("cannot configure CUDA device {n}'s memory pool"))?;
+                device
+            }
             Self::Metal => {
                 candle_core::Device::new_metal(0).context("cannot open the Metal device")?
             }

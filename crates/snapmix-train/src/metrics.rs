@@ -25,6 +25,10 @@ pub enum MetricRecord {
         lr: f64,
         /// Training throughput over those steps.
         images_per_sec: f64,
+        /// CUDA: bytes held by live allocations in the device's memory pool now, GiB (absent on
+        /// other devices): a growing value across records is a leak.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_memory_gib: Option<f64>,
     },
     /// The end of an epoch, with the evaluation when one ran.
     Epoch {
@@ -171,6 +175,7 @@ mod tests {
             loss: 1.5,
             lr: 0.01,
             images_per_sec: 100.0,
+            device_memory_gib: None,
         }
     }
 

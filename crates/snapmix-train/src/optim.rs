@@ -239,6 +239,10 @@ fn composed_update(
     buffer: Option<&Tensor>,
     update: SgdUpdate,
 ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    // Untracked inputs: otherwise the new buffer's graph would hold this step's gradient graph
+    // (forward activations included) and the previous buffer, and every later step's buffer
+    // would chain onto it: device memory grew by about 0.4 GiB per ResNet-50 step on CUDA.
+    let (p, grad) = (&p.detach(), &grad.detach());
     let mu = f64::from(update.momentum);
     let mut d = if update.weight_decay != 0.0 {
         (grad + p.affine(f64::from(update.weight_decay), 0.0)?)?
@@ -298,6 +302,36 @@ mod tests {
             momentum: 0.9,
             nesterov,
             decay_bn_and_bias,
+        }
+    }
+
+    #[test]
+    fn composed_updates_keep_no_graph() {
+        // f64 takes the composed path; the gradient `c` is itself tracked (it comes from
+        // another variable), as a layer's gradient is when it depends on activations.
+        let w = NamedVar {
+            name: "w".into(),
+            var: Var::from_slice(&[1.0f64, -2.0, 0.5], 3, &Device::Cpu).unwrap(),
+        };
+        let source = Var::from_slice(&[0.5f64, 1.0, -1.0], 3, &Device::Cpu).unwrap();
+        let mut sgd = Sgd::new(
+            vec![ParamGroup {
+                label: "all".into(),
+                base_lr: 0.1,
+                weight_decay: 0.01,
+                params: vec![w.clone()],
+            }],
+            settings(true, true),
+        )
+        .unwrap();
+        for _ in 0..3 {
+            let c = (source.as_tensor() * 2.0).unwrap();
+            let loss = (w.var.as_tensor() * c).unwrap().sum_all().unwrap();
+            let grads = grads_of(&loss);
+            assert!(grads.get(w.var.as_tensor()).unwrap().track_op());
+            sgd.step(&grads).unwrap();
+            let buffer = &sgd.momentum_buffers["w"];
+            assert!(!buffer.track_op(), "the momentum buffer holds a graph");
         }
     }
 

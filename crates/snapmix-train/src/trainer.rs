@@ -488,6 +488,7 @@ impl Trainer {
                         lr,
                         images_per_sec: window_images as f64
                             / window_start.elapsed().as_secs_f64().max(1e-9),
+                        device_memory_gib: device_memory_gib(&self.device)?,
                     })?;
                     (window_loss, window_steps, window_images) = (0.0, 0, 0);
                     window_start = Instant::now();
@@ -704,6 +705,17 @@ fn describe_mixing(params: &MixParams) -> String {
             params.perm
         )
     }
+}
+
+/// Bytes held by live allocations in `device`'s memory pool, GiB: CUDA only.
+fn device_memory_gib(device: &Device) -> Result<Option<f64>, TrainError> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        let bytes = snapmix_models::ops::cuda::memory::used_bytes(device)?;
+        return Ok(Some(bytes as f64 / (1u64 << 30) as f64));
+    }
+    let _ = device;
+    Ok(None)
 }
 
 #[cfg(test)]

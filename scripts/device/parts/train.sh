@@ -72,7 +72,8 @@ if wanted train-run; then
     --preset cub-resnet50 --dataset synthetic --pretrained none --epochs 2 --plain --overwrite \
     --run-dir "$OUT/train-run" \
     --set data.synthetic.classes=16 --set data.synthetic.train_per_class=100 \
-    --set data.synthetic.test_per_class=2 --set data.synthetic.image_size=448
+    --set data.synthetic.test_per_class=2 --set data.synthetic.image_size=448 \
+    --set run.log_every_steps=10
 fi
 
 say "done in ${SECONDS}s: $failures step(s) failed"

@@ -1,16 +1,15 @@
 //! Conv2d forward, backward-data and backward-filter through cuDNN on candle's stream: each
 //! shape's algorithms are chosen once by measurement (cudnnFind*Ex, like `cudnn.benchmark`) and
-//! every call reuses one workspace buffer per thread and device that only grows.
+//! every call reuses one workspace buffer per device that only grows.
 
 use super::{cuda_tensor, view_f32, Borrowed};
 use candle_core::cuda_backend::DeviceId;
 use candle_core::{bail, CudaDevice, CudaStorage, Layout, Result, Shape, Tensor};
 use cudarc::cudnn::{result as cudnn_result, sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The shapes of one convolution (NCHW input, OIHW weight, no bias/dilation/groups, the same
 /// stride and zero padding on both axes), as `conv2d.rs` validated them.
@@ -173,38 +172,43 @@ struct Plan {
     workspace_bytes: usize,
 }
 
-/// cuDNN state of one thread on one device: cuDNN handles are not thread-safe, so, like candle,
-/// each thread has its own, bound to candle's stream.
+/// cuDNN state of one device: a handle bound to candle's stream, the measured plans and the
+/// workspace. One per device, not per thread: the trainer's steps hop between rayon workers,
+/// and per-thread states re-measured every shape and kept a workspace on each worker.
 struct CudnnState {
     handle: Handle,
     stream: Arc<CudaStream>,
     plans: HashMap<PlanKey, Plan>,
-    /// Shared by every call on this thread and device; replaced by a larger one when a plan
-    /// needs more, never shrunk.
+    /// Shared by every call on this device; replaced by a larger one when a plan needs more,
+    /// never shrunk.
     workspace: Option<CudaSlice<u8>>,
 }
 
-thread_local! {
-    static STATES: RefCell<HashMap<DeviceId, CudnnState>> = RefCell::new(HashMap::new());
-}
+// SAFETY: the handle and descriptors are used only under STATES' lock, one thread at a time,
+// which cuDNN allows ("a handle may be used by any host thread, but not concurrently").
+unsafe impl Send for CudnnState {}
 
-/// Runs `f` with this thread's cuDNN state for `device`, creating it on first use.
+static STATES: Mutex<Option<HashMap<DeviceId, CudnnState>>> = Mutex::new(None);
+
+/// Runs `f` with the cuDNN state of `device`, creating it on first use.
 fn with_state<R>(device: &CudaDevice, f: impl FnOnce(&mut CudnnState) -> Result<R>) -> Result<R> {
-    STATES.with(|states| {
-        let mut states = states.borrow_mut();
-        let state = match states.entry(device.id()) {
-            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-            std::collections::hash_map::Entry::Vacant(entry) => {
-                entry.insert(CudnnState::new(device.cuda_stream())?)
-            }
-        };
-        state
-            .stream
-            .context()
-            .bind_to_thread()
-            .map_err(super::driver_err("conv2d"))?;
-        f(state)
-    })
+    // A panic while the lock was held cannot leave a half-built state: entries are inserted
+    // whole, and a plan is cached only after its measurement succeeded.
+    let mut states = STATES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let state = match states.get_or_insert_with(HashMap::new).entry(device.id()) {
+        std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+        std::collections::hash_map::Entry::Vacant(entry) => {
+            entry.insert(CudnnState::new(device.cuda_stream())?)
+        }
+    };
+    state
+        .stream
+        .context()
+        .bind_to_thread()
+        .map_err(super::driver_err("conv2d"))?;
+    f(state)
 }
 
 impl CudnnState {

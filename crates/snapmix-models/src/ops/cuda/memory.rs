@@ -51,6 +51,48 @@ pub fn peak(device: &Device) -> Result<PoolPeak> {
     })
 }
 
+/// Bytes held by live allocations in the device's memory pool now.
+pub fn used_bytes(device: &Device) -> Result<u64> {
+    let pool = current_pool(device)?;
+    let mut value: u64 = 0;
+    // SAFETY: a live pool handle and a u64 out-value, as the attribute requires.
+    unsafe {
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+            &mut value as *mut u64 as *mut _,
+        )
+    }
+    .result()
+    .map_err(super::driver_err("memory pool query"))?;
+    Ok(value)
+}
+
+/// Makes the device's memory pool keep freed memory for reuse instead of returning it to the
+/// driver at each synchronisation (the pool's default threshold is 0), as PyTorch's caching
+/// allocator does: otherwise every training step and every fresh batch-sized output re-maps
+/// its memory. Devices without memory pools are left as they are.
+pub fn retain_freed_memory(device: &Device) -> Result<()> {
+    let Device::Cuda(cuda) = device else {
+        return Ok(());
+    };
+    if !cuda.cuda_stream().context().has_async_alloc() {
+        return Ok(());
+    }
+    let pool = current_pool(device)?;
+    let mut threshold = u64::MAX;
+    // SAFETY: a live pool handle and a u64 value, as the attribute requires.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut _,
+        )
+    }
+    .result()
+    .map_err(super::driver_err("memory pool release threshold"))
+}
+
 fn current_pool(device: &Device) -> Result<sys::CUmemoryPool> {
     let Device::Cuda(cuda) = device else {
         bail!("memory pool peaks exist only for CUDA devices, got {device:?}");
