@@ -577,6 +577,9 @@ mod cuda {
         /// The pool's peak reservation over the same steps, GiB.
         peak_reserved_gib: f64,
         composed: Option<Timing>,
+        /// Why candle's composed-ops reference has no timing, when it failed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        composed_error: Option<String>,
         torch: Option<TorchFigures>,
         /// PyTorch's ms per step over ours: above 1 means faster than PyTorch.
         speed_vs_torch: Option<f64>,
@@ -628,12 +631,24 @@ mod cuda {
                 set_allow_tf32(true);
                 let (ours, peak) = measured?;
                 // candle's own conv ignores our TF32 switch: one composed row, in fp32.
-                let composed = if args.no_reference || precision != Precision::Fp32 {
-                    None
-                } else {
-                    eprintln!("bench-train: {} (candle composed ops)", config.label());
-                    Some(time_cuda_steps(config, &args, &device, true)?.0)
-                };
+                let (composed, composed_error) =
+                    if args.no_reference || precision != Precision::Fp32 {
+                        (None, None)
+                    } else {
+                        eprintln!("bench-train: {} (candle composed ops)", config.label());
+                        // Its convs need several times our memory (it ran out on an H100 at
+                        // ResNet-50 b16 448): a reference that fails is reported, not fatal.
+                        match time_cuda_steps(config, &args, &device, true) {
+                            Ok((timing, _)) => (Some(timing), None),
+                            Err(err) => {
+                                eprintln!(
+                                    "bench-train: {} candle composed ops failed: {err:#}",
+                                    config.label()
+                                );
+                                (None, Some(format!("{err:#}")))
+                            }
+                        }
+                    };
                 let torch = torch
                     .as_ref()
                     .and_then(|(_, rows)| rows.get(&torch_key(config, precision)).cloned());
@@ -648,6 +663,7 @@ mod cuda {
                     peak_used_gib,
                     peak_reserved_gib: gib(peak.reserved_bytes),
                     composed,
+                    composed_error,
                     torch,
                 });
             }
@@ -784,7 +800,10 @@ mod cuda {
                 row.ours.median_ms,
                 row.ours.images_per_s,
                 row.peak_used_gib,
-                opt(row.composed.as_ref().map(|t| t.median_ms), ""),
+                match (&row.composed, &row.composed_error) {
+                    (_, Some(_)) => "failed".to_string(),
+                    (composed, None) => opt(composed.as_ref().map(|t| t.median_ms), ""),
+                },
                 opt(row.torch.as_ref().map(|t| t.median_ms), ""),
                 opt(row.torch.as_ref().map(|t| t.peak_gib), ""),
                 opt(row.speed_vs_torch, "x"),
