@@ -4,6 +4,7 @@
 # device-env.sh, then runs each step with its own timeout, logs and JSON under $OUT:
 #   cam-cuda   snapmix-cam's CPU-vs-CUDA kernel tests (a skip for lack of a GPU is a failure)
 #   mix-cuda   snapmix-mix's CPU-vs-CUDA kernel tests (likewise)
+#   train-cuda snapmix-train's CPU-vs-CUDA fused SGD test (likewise)
 #   golden     the golden test on the GPU (SNAPMIX_TEST_DEVICE=cuda)
 #   bench-mix  xtask --device cuda bench-mix --batches 16,32,64 (-> $OUT/bench-mix.json)
 #   torch-spm  python3 torch_baseline.py --sections spm (-> $OUT/torch_baseline_spm.json)
@@ -15,12 +16,12 @@
 #   STEPS  the steps to run, space separated [all of the above, in that order]
 #   BUDGET seconds this script may use in all [570]: each step's timeout is cut to what is left,
 #          so one hang cannot eat the whole device call and the logs still come back
-#   CAM_TIMEOUT MIX_TIMEOUT GOLDEN_TIMEOUT BENCH_TIMEOUT TORCH_TIMEOUT PARTS_TIMEOUT  per step
+#   CAM_TIMEOUT MIX_TIMEOUT TRAIN_CUDA_TIMEOUT GOLDEN_TIMEOUT BENCH_TIMEOUT TORCH_TIMEOUT PARTS_TIMEOUT  per step
 set -uo pipefail
 
 KIT="${KIT:-target/device-kit}"
 OUT="${OUT:-./device-out}"
-STEPS=" ${STEPS:-cam-cuda mix-cuda golden bench-mix torch-spm parts} "
+STEPS=" ${STEPS:-cam-cuda mix-cuda train-cuda golden bench-mix torch-spm parts} "
 BUDGET="${BUDGET:-570}"
 mkdir -p "$OUT"
 KIT="$(cd "$KIT" && pwd)" || { echo "no kit folder $KIT: build it with scripts/device/build.sh and carry it" >&2; exit 1; }
@@ -62,6 +63,7 @@ gpu_tests() {
 }
 gpu_tests cam-cuda "${CAM_TIMEOUT:-120}" "$KIT/bin/snapmix_cam.cuda" --test-threads=1 --nocapture
 gpu_tests mix-cuda "${MIX_TIMEOUT:-180}" "$KIT/bin/snapmix_mix.cuda" --test-threads=1 --nocapture
+gpu_tests train-cuda "${TRAIN_CUDA_TIMEOUT:-60}" "$KIT/bin/snapmix_train.cuda" --test-threads=1 --nocapture
 wanted golden && step golden "${GOLDEN_TIMEOUT:-120}" env SNAPMIX_TEST_DEVICE=cuda \
   SNAPMIX_GOLDEN_DIR=data/golden/mix "$KIT/bin/snapmix_mix.golden" --nocapture
 if wanted bench-mix; then

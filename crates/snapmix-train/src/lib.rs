@@ -10,6 +10,8 @@ pub mod eval;
 pub mod metrics;
 pub mod optim;
 mod optim_cpu;
+#[cfg(feature = "cuda")]
+mod optim_cuda;
 pub mod rundir;
 pub mod schedule;
 pub mod trainer;

@@ -133,15 +133,15 @@ impl Sgd {
                     nesterov: self.settings.nesterov,
                 };
                 let p = param.var.as_tensor();
-                if update.momentum != 0.0 && optim_cpu::fusable(&[p, grad]) {
+                if update.momentum != 0.0 && fusable(&[p, grad]) {
                     if !self.momentum_buffers.contains_key(&param.name) {
                         // Zeros make the first update `buf = d`, as PyTorch's.
                         self.momentum_buffers
                             .insert(param.name.clone(), p.zeros_like()?);
                     }
                     let buffer = &self.momentum_buffers[&param.name];
-                    if optim_cpu::fusable(&[buffer]) {
-                        optim_cpu::sgd_update_in_place(p, grad, buffer, update)?;
+                    if fusable(&[p, grad, buffer]) {
+                        fused_update(p, grad, buffer, update)?;
                         continue;
                     }
                 }
@@ -233,6 +233,30 @@ impl Sgd {
 
 /// The update with candle ops, for every device (the CPU uses the fused pass): the new
 /// parameter and, with momentum, the new buffer (`None` buffer: the parameter's first step).
+/// Whether the fused in-place update takes these tensors: f32 and contiguous, all on the CPU
+/// or (with the `cuda` feature) all on CUDA.
+fn fusable(tensors: &[&Tensor]) -> bool {
+    #[cfg(feature = "cuda")]
+    if crate::optim_cuda::fusable(tensors) {
+        return true;
+    }
+    optim_cpu::fusable(tensors)
+}
+
+/// The fused in-place update of tensors that [`fusable`] accepted, on their device.
+fn fused_update(
+    p: &Tensor,
+    grad: &Tensor,
+    buffer: &Tensor,
+    update: SgdUpdate,
+) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if p.device().is_cuda() {
+        return crate::optim_cuda::sgd_update_in_place(p, grad, buffer, update);
+    }
+    optim_cpu::sgd_update_in_place(p, grad, buffer, update)
+}
+
 fn composed_update(
     p: &Tensor,
     grad: &Tensor,
