@@ -202,15 +202,24 @@ impl Block {
             }
             return Ok(out);
         }
-        let mut out = x.clone();
-        for (index, (conv, bn)) in self.convs.iter().zip(&self.bns).enumerate() {
-            out = bn.forward_conv_t(conv, &out, train, index != last)?;
-        }
         let identity = match &self.downsample {
             Some(down) => down.bn.forward_conv_t(&down.conv, x, train, false)?,
             None => x.clone(),
         };
-        add_relu(&out, &identity)
+        let mut out = x.clone();
+        for (index, (conv, bn)) in self.convs.iter().zip(&self.bns).enumerate() {
+            out = match index {
+                // Unlinked: the shortcut's gradient stays in candle's graph.
+                i if i == last && train => {
+                    bn.forward_conv_add_relu_train(conv, &out, &identity, &ShortcutLink::new())?
+                }
+                i if i == last => {
+                    add_relu(&bn.forward_conv_t(conv, &out, false, false)?, &identity)?
+                }
+                _ => bn.forward_conv_t(conv, &out, train, true)?,
+            };
+        }
+        Ok(out)
     }
 }
 

@@ -144,7 +144,7 @@ impl BnDims {
 #[cfg(feature = "cuda")]
 impl BnDims {
     /// The same sizes for the CUDA kernels.
-    fn cuda_shape(&self) -> super::cuda::batch_norm::BnShape {
+    pub(super) fn cuda_shape(&self) -> super::cuda::batch_norm::BnShape {
         super::cuda::batch_norm::BnShape {
             batch: self.batch,
             channels: self.channels,
@@ -210,7 +210,7 @@ impl CustomOp3 for BatchNormOp {
         let (out, stats) = super::cuda::batch_norm::forward(
             self.dims.cuda_shape(),
             self.eps,
-            self.relu,
+            super::cuda::batch_norm::Tail::Plain(self.relu),
             x,
             x_layout,
             gamma,

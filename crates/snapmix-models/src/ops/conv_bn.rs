@@ -6,6 +6,7 @@
 
 use super::add_relu::add_relu;
 use super::batch_norm::{self, batch_norm_train, BackwardInputs, BatchStats, BnDims};
+use super::bn_add_relu::batch_norm_add_relu_train;
 use super::conv2d::{self as conv, conv2d, ConvGeometry, InputGradient};
 use super::cpu::{cpu_tensor, storage_f32, with_tensor_f32};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
@@ -96,10 +97,13 @@ pub fn conv_batch_norm_train_linked(
     conv_batch_norm(conv, gamma, beta, eps, tail)
 }
 
-/// A residual block's last conv with an identity shortcut: `relu(bn(conv(x)) + shortcut)`, with
-/// the batch statistics. When the block's first conv ran fused with the same `link`, the
-/// shortcut's gradient goes through `link` instead of candle's graph; otherwise this is exactly
-/// `add_relu(batch_norm_train(conv2d(x)), shortcut)`.
+/// A residual block's last conv with its shortcut added: `relu(bn(conv(x)) + shortcut)`, with
+/// the batch statistics. When the block's first conv ran fused with the same `link` (an identity
+/// shortcut on the CPU), the shortcut's gradient goes through `link` instead of candle's graph;
+/// otherwise this is `add_relu(batch_norm_train(conv2d(x)), shortcut)`, computed on the CPU as
+/// the fused conv + batch norm and [`add_relu`], elsewhere as `conv2d` and
+/// [`batch_norm_add_relu_train`]. A fresh [`ShortcutLink`] takes the unlinked route (a
+/// downsample shortcut).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_batch_norm_add_relu_train(
     x: &Tensor,
@@ -167,9 +171,19 @@ fn conv_batch_norm(
         Tail::AddRelu { shortcut, link } => {
             let linked = fused && shortcut.dtype() == DType::F32 && link.lock()?.collector;
             if !linked {
+                if fused {
+                    // The CPU: conv + batch norm as one op, then the fused add + ReLU.
+                    let plain = Tail::Plain {
+                        relu: false,
+                        link: None,
+                    };
+                    let (y, mean, var) = conv_batch_norm(conv, gamma, beta, eps, plain)?;
+                    return Ok((add_relu(&y, shortcut)?, mean, var));
+                }
+                // Elsewhere batch norm, add and ReLU as one op (on CUDA: keeps neither the
+                // normalised tensor nor the sum alive for backward).
                 let conv_out = conv2d(x, weight, stride, padding)?;
-                let (y, mean, var) = batch_norm_train(&conv_out, gamma, beta, eps, false)?;
-                return Ok((add_relu(&y, shortcut)?, mean, var));
+                return batch_norm_add_relu_train(&conv_out, gamma, beta, eps, shortcut);
             }
             (true, None, Some((shortcut, link)))
         }

@@ -4,6 +4,7 @@ pub mod add_relu;
 pub mod max_pool;
 // GEMM-based conv2d and fused batch norm for training (issue 9), with their CPU plumbing.
 pub mod batch_norm;
+pub mod bn_add_relu;
 pub mod conv2d;
 pub mod conv_bn;
 mod cpu;

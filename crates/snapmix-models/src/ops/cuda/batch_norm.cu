@@ -79,6 +79,32 @@ extern "C" __global__ void bn_apply(const float* x, const float* mean, const flo
     }
 }
 
+// out = max(x * scale + shift + residual, 0): the end of a residual block (the CPU's order:
+// scale and shift first, then the residual). Grid as bn_apply's.
+extern "C" __global__ void bn_apply_add_relu(const float* x, const float* mean,
+                                             const float* inv_std, const float* gamma,
+                                             const float* beta, const float* residual,
+                                             float* out, size_t channels, size_t pixels) {
+    size_t plane = blockIdx.x, c = plane % channels;
+    float scale = gamma[c] * inv_std[c];
+    float shift = beta[c] - mean[c] * scale;
+    for (size_t i = blockIdx.y * (size_t)blockDim.x + threadIdx.x; i < pixels;
+         i += (size_t)gridDim.y * blockDim.x) {
+        size_t idx = plane * pixels + i;
+        float v = (x[idx] * scale + shift) + residual[idx];
+        out[idx] = v < 0.0f ? 0.0f : v;
+    }
+}
+
+// dst = grad where out > 0, else 0: a residual's gradient through the fused ReLU.
+extern "C" __global__ void relu_masked_grad(const float* out, const float* grad, float* dst,
+                                            size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        dst[i] = out[i] <= 0.0f ? 0.0f : grad[i];
+    }
+}
+
 // The output gradient, zeroed where the fused ReLU was inactive (output <= 0).
 __device__ __forceinline__ float masked_grad(const float* grad, const float* out, size_t idx,
                                              int relu) {

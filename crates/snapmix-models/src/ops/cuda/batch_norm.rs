@@ -59,12 +59,20 @@ pub(crate) struct DeviceStats {
     pub inv_std: Tensor,
 }
 
-/// Forward: the normalised (and ReLU'd when `relu`) output and the batch statistics.
+/// What follows the normalisation in the forward pass.
+pub(crate) enum Tail<'a> {
+    /// ReLU when `true`, nothing otherwise.
+    Plain(bool),
+    /// `relu(. + residual)`, the residual of the input's shape.
+    AddRelu(&'a CudaStorage, &'a Layout),
+}
+
+/// Forward: the normalised output (followed by `tail`) and the batch statistics.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     shape: BnShape,
     eps: f32,
-    relu: bool,
+    tail: Tail,
     x: &CudaStorage,
     x_layout: &Layout,
     gamma: &CudaStorage,
@@ -120,23 +128,48 @@ pub(crate) fn forward(
         unsafe { args.launch(launch_1d(channels)) }
             .map_err(super::driver_err("bn_finalize_stats"))?;
     }
-    // SAFETY: bn_apply writes every element.
+    // SAFETY: bn_apply and bn_apply_add_relu write every element.
     let mut out = unsafe { device.alloc::<f32>(total) }?;
-    {
-        let func = device.get_or_load_custom_func("bn_apply", MODULE, PTX)?;
-        let relu = relu as i32;
-        let mut args = func.builder();
-        args.arg(&x)
-            .arg(&mean)
-            .arg(&inv_std)
-            .arg(&gamma)
-            .arg(&beta)
-            .arg(&mut out)
-            .arg(&channels)
-            .arg(&pixels)
-            .arg(&relu);
-        // SAFETY: as above.
-        unsafe { args.launch(shape.per_plane()) }.map_err(super::driver_err("bn_apply"))?;
+    match tail {
+        Tail::Plain(relu) => {
+            let func = device.get_or_load_custom_func("bn_apply", MODULE, PTX)?;
+            let relu = relu as i32;
+            let mut args = func.builder();
+            args.arg(&x)
+                .arg(&mean)
+                .arg(&inv_std)
+                .arg(&gamma)
+                .arg(&beta)
+                .arg(&mut out)
+                .arg(&channels)
+                .arg(&pixels)
+                .arg(&relu);
+            // SAFETY: as above.
+            unsafe { args.launch(shape.per_plane()) }.map_err(super::driver_err("bn_apply"))?;
+        }
+        Tail::AddRelu(residual, r_layout) => {
+            let residual = view_f32(residual, r_layout, "batch_norm_add_relu_train residual")?;
+            if residual.len() != total {
+                candle_core::bail!(
+                    "batch_norm_add_relu_train: the residual has {} values, the input {total}",
+                    residual.len()
+                );
+            }
+            let func = device.get_or_load_custom_func("bn_apply_add_relu", MODULE, PTX)?;
+            let mut args = func.builder();
+            args.arg(&x)
+                .arg(&mean)
+                .arg(&inv_std)
+                .arg(&gamma)
+                .arg(&beta)
+                .arg(&residual)
+                .arg(&mut out)
+                .arg(&channels)
+                .arg(&pixels);
+            // SAFETY: as above; the residual holds `total` values.
+            unsafe { args.launch(shape.per_plane()) }
+                .map_err(super::driver_err("bn_apply_add_relu"))?;
+        }
     }
     let stats = DeviceStats {
         mean: cuda_tensor(mean, &device, channels),
@@ -250,4 +283,34 @@ pub(crate) fn backward(
         cuda_tensor(grad_gamma, &device, channels),
         cuda_tensor(grad_beta, &device, channels),
     ))
+}
+
+/// The output gradient where the output is positive, else 0: what a residual added before a
+/// fused ReLU receives. `out` and `grad` are contiguous f32 CUDA tensors of one shape.
+pub(crate) fn relu_masked_grad(out: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    if out.dims() != grad.dims() {
+        candle_core::bail!(
+            "relu_masked_grad: output {:?} and gradient {:?} differ in shape",
+            out.dims(),
+            grad.dims()
+        );
+    }
+    let device: CudaDevice = out.device().as_cuda_device()?.clone();
+    let borrowed = [
+        Borrowed::new(out, "batch_norm_add_relu_train output"),
+        Borrowed::new(grad, "batch_norm_add_relu_train output gradient"),
+    ];
+    let [out_view, grad_view] = [borrowed[0].view()?, borrowed[1].view()?];
+    let total = out_view.len();
+    // SAFETY: relu_masked_grad writes every element.
+    let mut masked = unsafe { device.alloc::<f32>(total) }?;
+    let func = device.get_or_load_custom_func("relu_masked_grad", MODULE, PTX)?;
+    let mut args = func.builder();
+    args.arg(&out_view)
+        .arg(&grad_view)
+        .arg(&mut masked)
+        .arg(&total);
+    // SAFETY: argument types and order match the kernel; all three buffers hold `total` values.
+    unsafe { args.launch(launch_1d(total)) }.map_err(super::driver_err("relu_masked_grad"))?;
+    Ok(cuda_tensor(masked, &device, out.shape()))
 }

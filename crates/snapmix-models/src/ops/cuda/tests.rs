@@ -2,6 +2,7 @@
 //! ResNet-18 training step. Each test prints a line and returns when there is no CUDA device.
 
 use crate::ops::batch_norm::batch_norm_train;
+use crate::ops::bn_add_relu::batch_norm_add_relu_train;
 use crate::ops::conv2d::conv2d;
 use crate::ops::dispatch::{set_allow_tf32, set_composed_ops};
 use crate::ops::max_pool::MaxPool2d;
@@ -143,17 +144,32 @@ fn conv_gives_the_image_batch_no_gradient_on_cuda() -> Result<()> {
     Ok(())
 }
 
-/// Batch-norm output, statistics and the three gradients on CUDA against the CPU op.
-fn check_batch_norm(device: &Device, dims: &[usize], offset: f32, relu: bool) -> Result<()> {
+/// Batch norm (+ ReLU, or `relu(bn(x) + residual)` when `residual`) on CUDA against the CPU op:
+/// output, statistics and every gradient.
+fn check_batch_norm(
+    device: &Device,
+    dims: &[usize],
+    offset: f32,
+    relu: bool,
+    residual: bool,
+) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let channels = dims[1];
     let (x_cpu, x_gpu) = var_pair(&random(&mut rng, dims, offset)?, device)?;
     let (g_cpu, g_gpu) = var_pair(&random(&mut rng, &[channels], 1.0)?, device)?;
     let (b_cpu, b_gpu) = var_pair(&random(&mut rng, &[channels], 0.0)?, device)?;
-    let (want, want_mean, want_var) = batch_norm_train(&x_cpu, &g_cpu, &b_cpu, 1e-5, relu)?;
-    let (got, got_mean, got_var) = batch_norm_train(&x_gpu, &g_gpu, &b_gpu, 1e-5, relu)?;
+    let (r_cpu, r_gpu) = var_pair(&random(&mut rng, dims, 0.0)?, device)?;
+    let run = |x: &Var, g: &Var, b: &Var, r: &Var| {
+        if residual {
+            batch_norm_add_relu_train(x, g, b, 1e-5, r)
+        } else {
+            batch_norm_train(x, g, b, 1e-5, relu)
+        }
+    };
+    let (want, want_mean, want_var) = run(&x_cpu, &g_cpu, &b_cpu, &r_cpu)?;
+    let (got, got_mean, got_var) = run(&x_gpu, &g_gpu, &b_gpu, &r_gpu)?;
     assert!(got.device().is_cuda() && got_mean.device().is_cuda());
-    let what = format!("{dims:?} offset {offset} relu {relu}");
+    let what = format!("{dims:?} offset {offset} relu {relu} residual {residual}");
     for (name, g, w) in [
         ("output", &got, &want),
         ("mean", &got_mean, &want_mean),
@@ -165,11 +181,15 @@ fn check_batch_norm(device: &Device, dims: &[usize], offset: f32, relu: bool) ->
     let probe = random(&mut rng, dims, 0.0)?;
     let want_grads = (want * &probe)?.sum_all()?.backward()?;
     let got_grads = (got * probe.to_device(device)?)?.sum_all()?.backward()?;
-    for (name, cpu, gpu) in [
+    let mut pairs = vec![
         ("input", &x_cpu, &x_gpu),
         ("gamma", &g_cpu, &g_gpu),
         ("beta", &b_cpu, &b_gpu),
-    ] {
+    ];
+    if residual {
+        pairs.push(("residual", &r_cpu, &r_gpu));
+    }
+    for (name, cpu, gpu) in pairs {
         let err = rel_err(
             got_grads.get(gpu).expect("CUDA gradient"),
             want_grads.get(cpu).expect("CPU gradient"),
@@ -185,14 +205,25 @@ fn batch_norm_matches_the_cpu() -> Result<()> {
     let Some(device) = cuda_or_skip("batch_norm_matches_the_cpu") else {
         return Ok(());
     };
-    check_batch_norm(&device, &[4, 3, 5, 7], 0.0, false)?;
-    check_batch_norm(&device, &[4, 3, 5, 7], 0.0, true)?;
+    check_batch_norm(&device, &[4, 3, 5, 7], 0.0, false, false)?;
+    check_batch_norm(&device, &[4, 3, 5, 7], 0.0, true, false)?;
     // A large offset tests the shifted one-pass variance; odd sizes leave partial blocks.
-    check_batch_norm(&device, &[3, 5, 6, 6], 50.0, false)?;
-    check_batch_norm(&device, &[2, 4, 17, 3], 0.5, true)?;
+    check_batch_norm(&device, &[3, 5, 6, 6], 50.0, false, false)?;
+    check_batch_norm(&device, &[2, 4, 17, 3], 0.5, true, false)?;
     // Many values per channel: several blocks per channel add into the same sums.
-    check_batch_norm(&device, &[8, 2, 61, 67], 0.25, true)?;
-    check_batch_norm(&device, &[6, 8], 0.0, false) // BatchNorm1d-shaped input
+    check_batch_norm(&device, &[8, 2, 61, 67], 0.25, true, false)?;
+    check_batch_norm(&device, &[6, 8], 0.0, false, false) // BatchNorm1d-shaped input
+}
+
+#[test]
+fn batch_norm_add_relu_matches_the_cpu() -> Result<()> {
+    let _serial = serial();
+    let Some(device) = cuda_or_skip("batch_norm_add_relu_matches_the_cpu") else {
+        return Ok(());
+    };
+    check_batch_norm(&device, &[4, 3, 5, 7], 0.0, true, true)?;
+    check_batch_norm(&device, &[3, 5, 6, 6], 50.0, true, true)?;
+    check_batch_norm(&device, &[8, 2, 61, 67], 0.25, true, true)
 }
 
 /// Max-pool forward and backward on CUDA against the CPU op: bit-identical, since both take the
