@@ -329,6 +329,17 @@ mod tests {
         }
     }
 
+    /// Nesterov SGD at lr 0.1 and weight decay 0.01 over `w` alone.
+    fn nesterov_with_decay(w: &NamedVar) -> Sgd {
+        let group = ParamGroup {
+            label: "all".into(),
+            base_lr: 0.1,
+            weight_decay: 0.01,
+            params: vec![w.clone()],
+        };
+        Sgd::new(vec![group], settings(true, true)).unwrap()
+    }
+
     #[test]
     fn composed_updates_keep_no_graph() {
         // f64 takes the composed path; the gradient `c` is itself tracked (it comes from
@@ -338,16 +349,7 @@ mod tests {
             var: Var::from_slice(&[1.0f64, -2.0, 0.5], 3, &Device::Cpu).unwrap(),
         };
         let source = Var::from_slice(&[0.5f64, 1.0, -1.0], 3, &Device::Cpu).unwrap();
-        let mut sgd = Sgd::new(
-            vec![ParamGroup {
-                label: "all".into(),
-                base_lr: 0.1,
-                weight_decay: 0.01,
-                params: vec![w.clone()],
-            }],
-            settings(true, true),
-        )
-        .unwrap();
+        let mut sgd = nesterov_with_decay(&w);
         for _ in 0..3 {
             let c = (source.as_tensor() * 2.0).unwrap();
             let loss = (w.var.as_tensor() * c).unwrap().sum_all().unwrap();
@@ -362,16 +364,7 @@ mod tests {
     #[test]
     fn two_nesterov_steps_match_hand_computation() {
         let w = var("w", &[1.0, -2.0, 0.5, 4.0], &[2, 2]);
-        let mut sgd = Sgd::new(
-            vec![ParamGroup {
-                label: "all".into(),
-                base_lr: 0.1,
-                weight_decay: 0.01,
-                params: vec![w.clone()],
-            }],
-            settings(true, true),
-        )
-        .unwrap();
+        let mut sgd = nesterov_with_decay(&w);
         let g1 = [0.5f32, 1.0, -1.0, 2.0];
         let g2 = [1.0f32, 0.0, 0.25, -0.5];
 

@@ -35,6 +35,13 @@ pub(crate) fn sgd_update_in_place(
     buffer: &Tensor,
     update: SgdUpdate,
 ) -> Result<()> {
+    check_shapes(param, grad, buffer)?;
+    param.inplace_op2(grad, &ParamPass { buffer, update })
+}
+
+/// The fused updates' precondition: parameter, gradient and momentum buffer of one shape (the
+/// kernels walk the three buffers in step).
+pub(crate) fn check_shapes(param: &Tensor, grad: &Tensor, buffer: &Tensor) -> Result<()> {
     if param.dims() != grad.dims() || param.dims() != buffer.dims() {
         bail!(
             "sgd: parameter {:?}, gradient {:?} and momentum buffer {:?} differ in shape",
@@ -43,7 +50,7 @@ pub(crate) fn sgd_update_in_place(
             buffer.dims()
         );
     }
-    param.inplace_op2(grad, &ParamPass { buffer, update })
+    Ok(())
 }
 
 /// The outer op: holds the parameter (mutable) and gradient, then opens the buffer.

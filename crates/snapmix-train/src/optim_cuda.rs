@@ -26,14 +26,7 @@ pub(crate) fn sgd_update_in_place(
     buffer: &Tensor,
     update: SgdUpdate,
 ) -> Result<()> {
-    if param.dims() != grad.dims() || param.dims() != buffer.dims() {
-        bail!(
-            "sgd: parameter {:?}, gradient {:?} and momentum buffer {:?} differ in shape",
-            param.dims(),
-            grad.dims(),
-            buffer.dims()
-        );
-    }
+    crate::optim_cpu::check_shapes(param, grad, buffer)?;
     if !param.device().same_device(grad.device()) || !param.device().same_device(buffer.device()) {
         bail!("sgd: parameter, gradient and momentum buffer must be on one CUDA device");
     }

@@ -37,33 +37,86 @@ pub fn batch_norm_train(
         return reference(x, gamma, beta, eps, relu);
     }
     let x = x.contiguous()?;
-    let stats = Arc::new(OnceLock::new());
-    #[cfg(feature = "cuda")]
-    let device_stats = Arc::new(OnceLock::new());
+    let stats = StatsSlot::default();
     let op = BatchNormOp {
         dims,
         eps: eps as f32,
         relu,
         input_grad: x.track_op(),
         stats: stats.clone(),
-        #[cfg(feature = "cuda")]
-        device_stats: device_stats.clone(),
     };
     let output = x.apply_op3_arc(
         &gamma.contiguous()?,
         &beta.contiguous()?,
         Arc::new(Box::new(op)),
     )?;
-    #[cfg(feature = "cuda")]
-    if let Some(stats) = device_stats.get() {
-        return Ok((output, stats.mean.clone(), stats.var.clone()));
-    }
-    let Some(stats) = stats.get() else {
-        bail!("batch_norm_train: the forward pass left no statistics");
-    };
-    let mean = cpu_tensor(stats.mean.clone(), dims.channels)?;
-    let var = cpu_tensor(stats.var.clone(), dims.channels)?;
+    let (mean, var) = stats.mean_and_var("batch_norm_train", dims.channels)?;
     Ok((output, mean, var))
+}
+
+/// Where a batch-norm op's forward pass leaves its batch statistics, shared with the caller
+/// (which returns them) and read again by the op's backward pass: on the host after a CPU
+/// forward, on the device after a CUDA one.
+#[derive(Clone, Default)]
+pub(super) struct StatsSlot {
+    cpu: Arc<OnceLock<BatchStats>>,
+    #[cfg(feature = "cuda")]
+    cuda: Arc<OnceLock<super::cuda::batch_norm::DeviceStats>>,
+}
+
+impl StatsSlot {
+    /// Stores a CPU forward's statistics; `op` names the op in the error of a second forward.
+    pub(super) fn set_cpu(&self, stats: BatchStats, op: &str) -> Result<()> {
+        if self.cpu.set(stats).is_err() {
+            bail!("{op}: an op instance ran its forward pass twice");
+        }
+        Ok(())
+    }
+
+    /// Stores a CUDA forward's statistics.
+    #[cfg(feature = "cuda")]
+    pub(super) fn set_cuda(
+        &self,
+        stats: super::cuda::batch_norm::DeviceStats,
+        op: &str,
+    ) -> Result<()> {
+        if self.cuda.set(stats).is_err() {
+            bail!("{op}: an op instance ran its forward pass twice");
+        }
+        Ok(())
+    }
+
+    /// A CPU forward's statistics, for backward.
+    pub(super) fn cpu(&self, op: &str) -> Result<&BatchStats> {
+        match self.cpu.get() {
+            Some(stats) => Ok(stats),
+            None => bail!("{op}: backward before forward"),
+        }
+    }
+
+    /// A CUDA forward's statistics, for backward.
+    #[cfg(feature = "cuda")]
+    pub(super) fn cuda(&self, op: &str) -> Result<&super::cuda::batch_norm::DeviceStats> {
+        match self.cuda.get() {
+            Some(stats) => Ok(stats),
+            None => bail!("{op}: backward before forward"),
+        }
+    }
+
+    /// The batch mean and (biased) variance `[channels]` on the forward's device.
+    pub(super) fn mean_and_var(&self, op: &str, channels: usize) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if let Some(stats) = self.cuda.get() {
+            return Ok((stats.mean.clone(), stats.var.clone()));
+        }
+        let Some(stats) = self.cpu.get() else {
+            bail!("{op}: the forward pass left no statistics");
+        };
+        Ok((
+            cpu_tensor(stats.mean.clone(), channels)?,
+            cpu_tensor(stats.var.clone(), channels)?,
+        ))
+    }
 }
 
 /// The same computation from candle's elementary ops: the reference for tests and the path for
@@ -166,10 +219,7 @@ struct BatchNormOp {
     eps: f32,
     relu: bool,
     input_grad: bool,
-    stats: Arc<OnceLock<BatchStats>>,
-    /// The statistics of a CUDA forward, on the device.
-    #[cfg(feature = "cuda")]
-    device_stats: Arc<OnceLock<super::cuda::batch_norm::DeviceStats>>,
+    stats: StatsSlot,
 }
 
 impl CustomOp3 for BatchNormOp {
@@ -191,9 +241,7 @@ impl CustomOp3 for BatchNormOp {
         let beta = storage_f32(beta, b_layout, "batch_norm_train beta")?;
         let stats = channel_stats(&self.dims, x, self.eps);
         let out = normalise(&self.dims, x, gamma, beta, &stats, self.relu, None);
-        if self.stats.set(stats).is_err() {
-            bail!("batch_norm_train: an op instance ran its forward pass twice");
-        }
+        self.stats.set_cpu(stats, "batch_norm_train")?;
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
 
@@ -218,9 +266,7 @@ impl CustomOp3 for BatchNormOp {
             beta,
             b_layout,
         )?;
-        if self.device_stats.set(stats).is_err() {
-            bail!("batch_norm_train: an op instance ran its forward pass twice");
-        }
+        self.stats.set_cuda(stats, "batch_norm_train")?;
         Ok((out, x_layout.shape().clone()))
     }
 
@@ -234,9 +280,7 @@ impl CustomOp3 for BatchNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
         if grad_out.device().is_cuda() {
-            let Some(stats) = self.device_stats.get() else {
-                bail!("snapmix-batch-norm: backward before forward");
-            };
+            let stats = self.stats.cuda("snapmix-batch-norm")?;
             let grad_out = grad_out.contiguous()?;
             let inputs = super::cuda::batch_norm::BackwardInputs {
                 x,
@@ -254,9 +298,7 @@ impl CustomOp3 for BatchNormOp {
         if !matches!(grad_out.device(), Device::Cpu) {
             bail!("snapmix-batch-norm: backward is not implemented for CUDA/Metal yet");
         }
-        let Some(stats) = self.stats.get() else {
-            bail!("snapmix-batch-norm: backward before forward");
-        };
+        let stats = self.stats.cpu("snapmix-batch-norm")?;
         let grad_out = grad_out.contiguous()?;
         let grads = with_tensor_f32(x, "batch_norm_train input", |x| {
             with_tensor_f32(gamma, "batch_norm_train gamma", |gamma| {

@@ -4,11 +4,11 @@
 //! widest tensors, which put a CUDA training step at 1.7x PyTorch's peak memory.
 
 use super::batch_norm::{
-    backward, channel_stats, normalise, reference, BackwardInputs, BatchStats, BnDims,
+    backward, channel_stats, normalise, reference, BackwardInputs, BnDims, StatsSlot,
 };
 use super::cpu::{cpu_tensor, storage_f32, with_tensor_f32};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// `relu(batch_norm(x) + residual)` in training mode, with the batch statistics as
 /// [`batch_norm_train`](super::batch_norm::batch_norm_train) returns them. `residual` has `x`'s
@@ -43,17 +43,13 @@ pub fn batch_norm_add_relu_train(
         let (y, mean, var) = reference(x, gamma, beta, eps, false)?;
         return Ok((super::add_relu::add_relu(&y, residual)?, mean, var));
     }
-    let stats = Arc::new(OnceLock::new());
-    #[cfg(feature = "cuda")]
-    let device_stats = Arc::new(OnceLock::new());
+    let stats = StatsSlot::default();
     let op = BatchNormAddReluOp {
         dims,
         eps: eps as f32,
         input_grad: x.track_op(),
         residual_grad: residual.track_op(),
         stats: stats.clone(),
-        #[cfg(feature = "cuda")]
-        device_stats: device_stats.clone(),
     };
     let gamma_beta = Tensor::cat(&[gamma, beta], 0)?;
     let output = x.contiguous()?.apply_op3_arc(
@@ -61,15 +57,7 @@ pub fn batch_norm_add_relu_train(
         &residual.contiguous()?,
         Arc::new(Box::new(op)),
     )?;
-    #[cfg(feature = "cuda")]
-    if let Some(stats) = device_stats.get() {
-        return Ok((output, stats.mean.clone(), stats.var.clone()));
-    }
-    let Some(stats) = stats.get() else {
-        bail!("batch_norm_add_relu_train: the forward pass left no statistics");
-    };
-    let mean = cpu_tensor(stats.mean.clone(), dims.channels())?;
-    let var = cpu_tensor(stats.var.clone(), dims.channels())?;
+    let (mean, var) = stats.mean_and_var("batch_norm_add_relu_train", dims.channels())?;
     Ok((output, mean, var))
 }
 
@@ -79,10 +67,7 @@ struct BatchNormAddReluOp {
     eps: f32,
     input_grad: bool,
     residual_grad: bool,
-    stats: Arc<OnceLock<BatchStats>>,
-    /// The statistics of a CUDA forward, on the device.
-    #[cfg(feature = "cuda")]
-    device_stats: Arc<OnceLock<super::cuda::batch_norm::DeviceStats>>,
+    stats: StatsSlot,
 }
 
 impl CustomOp3 for BatchNormAddReluOp {
@@ -109,9 +94,7 @@ impl CustomOp3 for BatchNormAddReluOp {
         let (gamma, beta) = gamma_beta.split_at(self.dims.channels());
         let stats = channel_stats(&self.dims, x, self.eps);
         let out = normalise(&self.dims, x, gamma, beta, &stats, true, Some(residual));
-        if self.stats.set(stats).is_err() {
-            bail!("batch_norm_add_relu_train: an op instance ran its forward pass twice");
-        }
+        self.stats.set_cpu(stats, "batch_norm_add_relu_train")?;
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
 
@@ -140,9 +123,7 @@ impl CustomOp3 for BatchNormAddReluOp {
             gamma_beta,
             &beta_layout,
         )?;
-        if self.device_stats.set(stats).is_err() {
-            bail!("batch_norm_add_relu_train: an op instance ran its forward pass twice");
-        }
+        self.stats.set_cuda(stats, "batch_norm_add_relu_train")?;
         Ok((out, x_layout.shape().clone()))
     }
 
@@ -158,9 +139,7 @@ impl CustomOp3 for BatchNormAddReluOp {
         let grad_out = grad_out.contiguous()?;
         #[cfg(feature = "cuda")]
         if grad_out.device().is_cuda() {
-            let Some(stats) = self.device_stats.get() else {
-                bail!("snapmix-batch-norm-add-relu: backward before forward");
-            };
+            let stats = self.stats.cuda("snapmix-batch-norm-add-relu")?;
             let inputs = super::cuda::batch_norm::BackwardInputs {
                 x,
                 gamma: &gamma_beta.narrow(0, 0, channels)?,
@@ -183,9 +162,7 @@ impl CustomOp3 for BatchNormAddReluOp {
         if !matches!(grad_out.device(), Device::Cpu) {
             bail!("snapmix-batch-norm-add-relu: backward runs on the CPU and CUDA only");
         }
-        let Some(stats) = self.stats.get() else {
-            bail!("snapmix-batch-norm-add-relu: backward before forward");
-        };
+        let stats = self.stats.cpu("snapmix-batch-norm-add-relu")?;
         // The CPU backward writes the masked output gradient (the residual's) only alongside
         // the input gradient.
         let mut masked = Vec::new();
