@@ -488,7 +488,7 @@ impl Trainer {
                         lr,
                         images_per_sec: window_images as f64
                             / window_start.elapsed().as_secs_f64().max(1e-9),
-                        device_memory_gib: device_memory_gib(&self.device)?,
+                        device_memory_gib: device_memory_gib(&self.device),
                     })?;
                     (window_loss, window_steps, window_images) = (0.0, 0, 0);
                     window_start = Instant::now();
@@ -707,15 +707,17 @@ fn describe_mixing(params: &MixParams) -> String {
     }
 }
 
-/// Bytes held by live allocations in `device`'s memory pool, GiB: CUDA only.
-fn device_memory_gib(device: &Device) -> Result<Option<f64>, TrainError> {
+/// Bytes held by live allocations in `device`'s memory pool, GiB: CUDA devices with memory
+/// pools only (a diagnostic, so a device without pools records none rather than failing).
+fn device_memory_gib(device: &Device) -> Option<f64> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        let bytes = snapmix_models::ops::cuda::memory::used_bytes(device)?;
-        return Ok(Some(bytes as f64 / (1u64 << 30) as f64));
+        return snapmix_models::ops::cuda::memory::used_bytes(device)
+            .ok()
+            .map(|bytes| bytes as f64 / (1u64 << 30) as f64);
     }
     let _ = device;
-    Ok(None)
+    None
 }
 
 #[cfg(test)]
