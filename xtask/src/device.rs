@@ -70,9 +70,14 @@ impl DeviceSpec {
             Self::Cuda(n) => {
                 let device = candle_core::Device::new_cuda(n)
                     .with_context(|| format!("cannot open CUDA device {n}"))?;
+                // Only speed depends on it, so a driver that refuses is a warning.
                 #[cfg(feature = "cuda")]
-                snapmix_models::ops::cuda::memory::retain_freed_memory(&device)
-                    .with_context(|| format!("cannot configure CUDA device {n}'s memory pool"))?;
+                if let Err(err) = snapmix_models::ops::cuda::memory::retain_freed_memory(&device) {
+                    eprintln!(
+                        "warning: CUDA device {n}'s memory pool keeps its default release \
+                         threshold ({err}); steps may re-map freed memory"
+                    );
+                }
                 device
             }
             Self::Metal => {
