@@ -336,6 +336,61 @@ fn model_and_optimizer(
     Ok((model, Sgd::new(vec![group], settings)?))
 }
 
+/// One SnapMix training iteration as `cargo xtask train` runs it: the CAM forward of the
+/// un-mixed batch (train mode, no gradient kept), its SPMs, SnapMix with Beta(5, 5) (the CUB
+/// preset's) and the training step on the mixed batch with the two-label loss. Timed by the CUDA
+/// rows; its test runs it on the CPU.
+#[cfg(any(feature = "cuda", test))]
+struct SnapMixIteration {
+    model: ResNet,
+    sgd: Sgd,
+    images: Tensor,
+    labels: Tensor,
+    mix: snapmix_mix::MixConfig,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+#[cfg(any(feature = "cuda", test))]
+impl SnapMixIteration {
+    fn new(config: &BenchConfig, classes: usize, device: &Device) -> Result<Self> {
+        use rand::SeedableRng;
+        let (model, sgd) = model_and_optimizer(config, classes, device, Recipe::Mixed)?;
+        let (images, labels) = synthetic_batch(config, classes, device)?;
+        let mut mix = snapmix_mix::MixConfig::new(snapmix_mix::Method::SnapMix);
+        mix.beta = 5.0;
+        Ok(Self {
+            model,
+            sgd,
+            images,
+            labels,
+            mix,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(0),
+        })
+    }
+
+    /// One iteration; its loss.
+    fn run(&mut self) -> Result<f32> {
+        use snapmix_cam::CamSource;
+        let (batch, _, rows, cols) = self.images.dims4()?;
+        let features = self.model.cam_features(&self.images, true)?.detach();
+        let weight = self.model.classifier_weight().detach();
+        let bias = self.model.classifier_bias().map(Tensor::detach);
+        let spm = snapmix_cam::semantic_percent_maps(
+            &features,
+            &weight,
+            bias.as_ref(),
+            &self.labels,
+            (rows, cols),
+        )?;
+        let params = self.mix.sample(&mut self.rng, batch, rows, cols)?;
+        let mixed = snapmix_mix::apply(&params, &self.images, &self.labels, Some(&spm))?;
+        let logits = self.model.forward_t(&mixed.images, true)?.logits;
+        let loss = snapmix_mix::mixed_cross_entropy(&logits, &mixed, 0.0)?;
+        self.sgd.step(&loss.backward()?)?;
+        Ok(loss.to_scalar::<f32>()?)
+    }
+}
+
 /// A fixed pseudo-random batch: the values do not affect the timing, only the shapes do.
 fn synthetic_batch(
     config: &BenchConfig,
@@ -504,6 +559,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_snapmix_iteration_mixes_and_trains_on_the_cpu() {
+        let config = BenchConfig {
+            arch: Arch::ResNet18,
+            batch: 4,
+            size: 32,
+        };
+        let mut iteration = SnapMixIteration::new(&config, 3, &Device::Cpu).unwrap();
+        let before = iteration.model.state_dict().unwrap();
+        let losses: Vec<f32> = (0..2).map(|_| iteration.run().unwrap()).collect();
+        assert!(
+            losses.iter().all(|l| l.is_finite() && *l > 0.0),
+            "{losses:?}"
+        );
+        let after = iteration.model.state_dict().unwrap();
+        let changed = |name: &str| {
+            let diff = (&before[name] - &after[name]).unwrap().abs().unwrap();
+            diff.max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0
+        };
+        assert!(changed("fc.weight") && changed("conv1.weight"));
+        // The CAM forward runs in train mode, as in the official code: per iteration bn1 sees
+        // the un-mixed batch and the mixed one.
+        let tracked = after["bn1.num_batches_tracked"].to_scalar::<i64>().unwrap();
+        assert_eq!(tracked, 4);
+    }
+
+    #[test]
     fn the_ratio_cell_shows_the_round_range_only_for_several_rounds() {
         assert_eq!(torch_ratio_cell(None, &[]), "-");
         assert_eq!(torch_ratio_cell(Some(0.8321), &[0.8321]), "0.83x");
@@ -594,6 +675,8 @@ mod cuda {
         /// Why candle's composed-ops reference has no timing, when it failed.
         #[serde(skip_serializing_if = "Option::is_none")]
         composed_error: Option<String>,
+        /// The whole SnapMix iteration (CAM forward, SPMs, mixing, the step), same precision.
+        snapmix_iteration: Option<Timing>,
         torch: Option<TorchFigures>,
         /// PyTorch's ms per step over ours: above 1 means faster than PyTorch.
         speed_vs_torch: Option<f64>,
@@ -642,8 +725,12 @@ mod cuda {
                     precision.name()
                 );
                 let measured = time_cuda_steps(config, &args, &device, false);
+                let iteration = measured
+                    .is_ok()
+                    .then(|| time_cuda_iterations(config, &args, &device));
                 set_allow_tf32(true);
                 let (ours, peak) = measured?;
+                let snapmix_iteration = iteration.transpose()?;
                 // candle's own conv ignores our TF32 switch: one composed row, in fp32.
                 let (composed, composed_error) =
                     if args.no_reference || precision != Precision::Fp32 {
@@ -678,6 +765,7 @@ mod cuda {
                     peak_reserved_gib: gib(peak.reserved_bytes),
                     composed,
                     composed_error,
+                    snapmix_iteration,
                     torch,
                 });
             }
@@ -746,6 +834,21 @@ mod cuda {
         })();
         set_composed_ops(false);
         result
+    }
+
+    /// [`SnapMixIteration`]s on a CUDA device, each ended by a synchronisation.
+    fn time_cuda_iterations(config: &BenchConfig, args: &Args, device: &Device) -> Result<Timing> {
+        let mut iteration = SnapMixIteration::new(config, args.classes, device)?;
+        let mut times = Vec::with_capacity(args.steps);
+        for i in 0..args.warmup + args.steps {
+            let start = Instant::now();
+            iteration.run()?;
+            device.synchronize()?;
+            if i >= args.warmup {
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Ok(Timing::new(times, config.batch))
     }
 
     /// Two label sets with weights `lam_a + lam_b = 1`, as torch_baseline.py's step trains on.
@@ -823,12 +926,12 @@ mod cuda {
             "training step on {device}, median ms/step (PyTorch: torch_baseline.py, same call)"
         );
         println!(
-            "| config | precision | ours ms | ours img/s | peak GiB | candle ms | PyTorch ms | PyTorch GiB | speed vs PyTorch | memory vs PyTorch |"
+            "| config | precision | ours ms | ours img/s | peak GiB | candle ms | PyTorch ms | PyTorch GiB | speed vs PyTorch | memory vs PyTorch | SnapMix iteration ms | iteration img/s |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
         for row in rows {
             println!(
-                "| {} | {} | {:.1} | {:.1} | {:.2} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.1} | {:.1} | {:.2} | {} | {} | {} | {} | {} | {} | {} |",
                 row.config.label(),
                 row.precision,
                 row.ours.median_ms,
@@ -842,6 +945,8 @@ mod cuda {
                 opt(row.torch.as_ref().map(|t| t.peak_gib), ""),
                 opt(row.speed_vs_torch, "x"),
                 opt(row.memory_vs_torch, "x"),
+                opt(row.snapmix_iteration.as_ref().map(|t| t.median_ms), ""),
+                opt(row.snapmix_iteration.as_ref().map(|t| t.images_per_s), ""),
             );
         }
         println!(
