@@ -677,6 +677,11 @@ mod cuda {
         composed_error: Option<String>,
         /// The whole SnapMix iteration (CAM forward, SPMs, mixing, the step), same precision.
         snapmix_iteration: Option<Timing>,
+        /// Median ms until the host had enqueued a timed step's last op (near `ours` means
+        /// host-bound).
+        host_enqueue_ms: f64,
+        /// Median ms of forward (with the loss), backward and optimiser, each synchronised.
+        phases_ms: [f64; 3],
         torch: Option<TorchFigures>,
         /// PyTorch's ms per step over ours: above 1 means faster than PyTorch.
         speed_vs_torch: Option<f64>,
@@ -729,7 +734,12 @@ mod cuda {
                     .is_ok()
                     .then(|| time_cuda_iterations(config, &args, &device));
                 set_allow_tf32(true);
-                let (ours, peak) = measured?;
+                let CudaTiming {
+                    timing: ours,
+                    peak,
+                    host_enqueue_ms,
+                    phases_ms,
+                } = measured?;
                 let snapmix_iteration = iteration.transpose()?;
                 // candle's own conv ignores our TF32 switch: one composed row, in fp32.
                 let (composed, composed_error) =
@@ -740,7 +750,7 @@ mod cuda {
                         // Its convs need several times our memory (it ran out on an H100 at
                         // ResNet-50 b16 448): a reference that fails is reported, not fatal.
                         match time_cuda_steps(config, &args, &device, true) {
-                            Ok((timing, _)) => (Some(timing), None),
+                            Ok(measured) => (Some(measured.timing), None),
                             Err(err) => {
                                 eprintln!(
                                     "bench-train: {} candle composed ops failed: {err:#}",
@@ -766,6 +776,8 @@ mod cuda {
                     composed,
                     composed_error,
                     snapmix_iteration,
+                    host_enqueue_ms,
+                    phases_ms,
                     torch,
                 });
             }
@@ -800,40 +812,81 @@ mod cuda {
     }
 
     /// Like the CPU `time_steps`, on a CUDA device: each timed step ends with a device
-    /// synchronisation, and the memory pool's peaks are taken over the timed steps.
+    /// synchronisation, and the memory pool's peaks are taken over the timed steps. Also how
+    /// long the host took to enqueue each step (a step whose enqueue time nears its total is
+    /// bound by the host, not the GPU), and, from three more steps synchronised after each
+    /// phase, the forward (with the loss), backward and optimiser times.
     fn time_cuda_steps(
         config: &BenchConfig,
         args: &Args,
         device: &Device,
         composed: bool,
-    ) -> Result<(Timing, memory::PoolPeak)> {
+    ) -> Result<CudaTiming> {
         set_composed_ops(composed);
         let result = (|| {
             let (model, mut sgd) =
                 model_and_optimizer(config, args.classes, device, Recipe::Mixed)?;
             let (images, labels) = synthetic_batch(config, args.classes, device)?;
             let targets = mixed_targets(images, labels, args.classes)?;
-            let mut step = || -> Result<()> {
+            // ms since `start` at the end of each phase, and at the enqueue of the last op.
+            let mut step = |split: bool| -> Result<[f64; 4]> {
+                let start = Instant::now();
+                let since = |start: Instant| start.elapsed().as_secs_f64() * 1e3;
                 let logits = model.forward_t(&targets.images, true)?.logits;
                 let loss = snapmix_mix::mixed_cross_entropy(&logits, &targets, 0.0)?;
-                sgd.step(&loss.backward()?)?;
+                if split {
+                    device.synchronize()?;
+                }
+                let forward = since(start);
+                let grads = loss.backward()?;
+                if split {
+                    device.synchronize()?;
+                }
+                let backward = since(start);
+                sgd.step(&grads)?;
+                let enqueued = since(start);
                 device.synchronize()?;
-                Ok(())
+                Ok([forward, backward, enqueued, since(start)])
             };
             for _ in 0..args.warmup {
-                step()?;
+                step(false)?;
             }
             memory::reset_peak(device)?;
-            let mut times = Vec::with_capacity(args.steps);
+            let (mut times, mut enqueued) = (Vec::new(), Vec::new());
             for _ in 0..args.steps {
-                let start = Instant::now();
-                step()?;
-                times.push(start.elapsed().as_secs_f64() * 1e3);
+                let [_, _, host, total] = step(false)?;
+                times.push(total);
+                enqueued.push(host);
             }
-            Ok((Timing::new(times, config.batch), memory::peak(device)?))
+            let peak = memory::peak(device)?;
+            let mut phases: [Vec<f64>; 3] = Default::default();
+            for _ in 0..3 {
+                let [forward, backward, _, total] = step(true)?;
+                for (phase, ms) in
+                    phases
+                        .iter_mut()
+                        .zip([forward, backward - forward, total - backward])
+                {
+                    phase.push(ms);
+                }
+            }
+            Ok(CudaTiming {
+                timing: Timing::new(times, config.batch),
+                peak,
+                host_enqueue_ms: median(&enqueued),
+                phases_ms: phases.map(|phase| median(&phase)),
+            })
         })();
         set_composed_ops(false);
         result
+    }
+
+    /// What [`time_cuda_steps`] measures.
+    struct CudaTiming {
+        timing: Timing,
+        peak: memory::PoolPeak,
+        host_enqueue_ms: f64,
+        phases_ms: [f64; 3],
     }
 
     /// [`SnapMixIteration`]s on a CUDA device, each ended by a synchronisation.
@@ -926,12 +979,12 @@ mod cuda {
             "training step on {device}, median ms/step (PyTorch: torch_baseline.py, same call)"
         );
         println!(
-            "| config | precision | ours ms | ours img/s | peak GiB | candle ms | PyTorch ms | PyTorch GiB | speed vs PyTorch | memory vs PyTorch | SnapMix iteration ms | iteration img/s |"
+            "| config | precision | ours ms | ours img/s | peak GiB | candle ms | PyTorch ms | PyTorch GiB | speed vs PyTorch | memory vs PyTorch | SnapMix iteration ms | iteration img/s | host enqueue ms | fwd / bwd / opt ms |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for row in rows {
             println!(
-                "| {} | {} | {:.1} | {:.1} | {:.2} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.1} | {:.1} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} / {:.1} / {:.1} |",
                 row.config.label(),
                 row.precision,
                 row.ours.median_ms,
@@ -947,6 +1000,10 @@ mod cuda {
                 opt(row.memory_vs_torch, "x"),
                 opt(row.snapmix_iteration.as_ref().map(|t| t.median_ms), ""),
                 opt(row.snapmix_iteration.as_ref().map(|t| t.images_per_s), ""),
+                row.host_enqueue_ms,
+                row.phases_ms[0],
+                row.phases_ms[1],
+                row.phases_ms[2],
             );
         }
         println!(
