@@ -63,6 +63,38 @@ pub(crate) fn add_assign(dst: &mut [f32], src: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// The transpose of row-major `rows x cols` `src`, in 16x16 tiles (a cache line of each of 16
+/// rows at a time) and in parallel over bands of rows.
+pub(crate) fn transposed(src: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
+    const TILE: usize = 16;
+    if src.len() != rows * cols {
+        bail!(
+            "transpose: a {rows}x{cols} matrix from {} values",
+            src.len()
+        );
+    }
+    let mut dst = vec![0.0; rows * cols];
+    if dst.is_empty() {
+        return Ok(dst);
+    }
+    // A band: TILE rows of dst (TILE columns of src).
+    dst.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(band, dst)| {
+            let first_col = band * TILE;
+            let band_cols = dst.len() / rows;
+            for first_row in (0..rows).step_by(TILE) {
+                for row in first_row..(first_row + TILE).min(rows) {
+                    let src_row = &src[row * cols + first_col..][..band_cols];
+                    for (j, &value) in src_row.iter().enumerate() {
+                        dst[j * rows + row] = value;
+                    }
+                }
+            }
+        });
+    Ok(dst)
+}
+
 /// Image planes (one channel of one image, `pixels` values) per rayon task in the elementwise
 /// passes: small feature maps (2x2 in layer4 at low resolution) would otherwise make one task
 /// per handful of values.
@@ -479,6 +511,24 @@ mod tests {
                 );
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn transposes_in_tiles_with_ragged_edges() -> Result<()> {
+        for (rows, cols) in [(37, 21), (5, 40), (16, 16), (1, 3)] {
+            let src: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+            let dst = transposed(&src, rows, cols)?;
+            for (i, &value) in dst.iter().enumerate() {
+                let (col, row) = (i / rows, i % rows);
+                assert_eq!(
+                    value,
+                    src[row * cols + col],
+                    "{rows}x{cols} at ({row}, {col})"
+                );
+            }
+        }
+        assert!(transposed(&[0.0; 5], 2, 3).is_err());
         Ok(())
     }
 
