@@ -477,7 +477,8 @@ fn weight_gradient(grad_cm: MatRef, col: MatRef) -> Result<Vec<f32>> {
 /// `patches * dY^T` (`[K, O]`) makes that the smaller dY when K > O. On ResNet's 3x3 and stem
 /// shapes its GEMMs ran 1.2-1.5x faster (layer1 per image 105 -> 156 GFLOP/s, stem 90 -> 129);
 /// the result is transposed once at the end, so only for reductions over at least
-/// [`TRANSPOSED_MIN_PIXELS`] pixels (layer4's 256 would spend the gain on the transpose).
+/// [`TRANSPOSED_MIN_PIXELS`] pixels: per-op timers, R18 b16 112x112, layer4's 3x3 convs (256
+/// pixels) 11.3 -> 13.5 ms each in backward, layer3's stride-2 3x3 (784) 7.6 -> 5.1-5.4 ms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct WeightGradient {
     out_channels: usize,
@@ -486,7 +487,7 @@ struct WeightGradient {
 }
 
 /// Pixels summed over from which [`WeightGradient`] accumulates the transpose.
-const TRANSPOSED_MIN_PIXELS: usize = 1024;
+const TRANSPOSED_MIN_PIXELS: usize = 512;
 
 impl WeightGradient {
     fn new(out_channels: usize, patch_len: usize, pixels: usize) -> Self {
@@ -863,7 +864,7 @@ mod tests {
             check([5, 4, 12, 12], [6, 4, 3, 3], 1, 1)?; // 3x3, partials of 4 + 1
             check([2, 4, 30, 28], [5, 4, 3, 3], 2, 1)?; // strided 3x3
             check([2, 3, 34, 30], [4, 3, 7, 7], 2, 3)?; // stem
-                                                        // Weight gradients accumulated transposed (K > O, at least 1024 pixels).
+                                                        // Weight gradients accumulated transposed (K > O, at least 512 pixels).
             check([9, 4, 12, 12], [6, 4, 3, 3], 1, 1)?; // 3x3, partials of 4 + 4 + 1
             check([5, 3, 34, 30], [4, 3, 7, 7], 2, 3) // stem
         })
@@ -876,9 +877,11 @@ mod tests {
         assert!(transposed(4, 27, 46 * 46));
         assert!(!transposed(40, 27, 46 * 46));
         assert!(transposed(6, 36, 9 * 144));
-        assert!(!transposed(6, 36, 5 * 144));
-        // ResNet-18 at 112x112, batch 16: layer1 and the stem transposed, layer4 not.
+        assert!(!transposed(5, 36, 2 * 210));
+        // ResNet-18 at 112x112, batch 16: layer1, layer3's stride-2 3x3 and the stem
+        // transposed, layer4 not.
         assert!(transposed(64, 576, 16 * 784));
+        assert!(transposed(256, 1152, 16 * 49));
         assert!(transposed(64, 147, 16 * 3136));
         assert!(!transposed(512, 4608, 16 * 16));
     }
