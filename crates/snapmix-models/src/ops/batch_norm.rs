@@ -412,6 +412,66 @@ pub(super) fn channel_stats(dims: &BnDims, x: &[f32], eps: f32) -> BatchStats {
     BatchStats { mean, var, inv_std }
 }
 
+/// The mean and the sum of squared deviations (M2) of one plane of values, each in f64: the
+/// per-image halves of [`channel_stats_from_planes`].
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PlaneMoments {
+    mean: f64,
+    m2: f64,
+}
+
+impl PlaneMoments {
+    /// Two passes over `plane` (meant to be in cache): its mean, then the squared deviations
+    /// from it, corrected by the deviations' own sum.
+    pub(super) fn of(plane: &[f32]) -> Self {
+        let len = plane.len().max(1) as f64;
+        let (sum, _) = lane_sums(plane, plane, plane, |x, _, _| (x, 0.0));
+        let mean = sum / len;
+        let centre = mean as f32;
+        let (dev, dev_sq) = lane_sums(plane, plane, plane, |x, _, _| {
+            let d = x - centre;
+            (d, d * d)
+        });
+        Self {
+            mean: centre as f64 + dev / len,
+            m2: (dev_sq - dev * dev / len).max(0.0),
+        }
+    }
+}
+
+/// [`channel_stats`] from the moments of every plane (`batch * channels`, image-major), combined
+/// per channel as in Chan et al.'s parallel variance: the same statistics without reading `x`.
+pub(super) fn channel_stats_from_planes(
+    dims: &BnDims,
+    planes: &[PlaneMoments],
+    eps: f32,
+) -> Result<BatchStats> {
+    let BnDims {
+        batch,
+        channels,
+        pixels,
+    } = *dims;
+    if planes.len() != batch * channels {
+        bail!(
+            "batch norm: {} plane moments for {batch} images of {channels} channels",
+            planes.len()
+        );
+    }
+    let count = dims.count() as f64;
+    let (mut mean, mut var) = (Vec::with_capacity(channels), Vec::with_capacity(channels));
+    for c in 0..channels {
+        let channel = || planes[c..].iter().step_by(channels);
+        let channel_mean = channel().map(|p| p.mean).sum::<f64>() / batch as f64;
+        let m2: f64 = channel()
+            .map(|p| p.m2 + pixels as f64 * (p.mean - channel_mean).powi(2))
+            .sum();
+        mean.push(channel_mean as f32);
+        var.push((m2 / count) as f32);
+    }
+    let inv_std = var.iter().map(|&v| 1.0 / (v + eps).sqrt()).collect();
+    Ok(BatchStats { mean, var, inv_std })
+}
+
 /// out = (x - mean) * inv_std * gamma + beta, plus `residual` (x's shape) if given, then ReLU if
 /// asked.
 pub(super) fn normalise(
@@ -629,6 +689,43 @@ mod tests {
         check(&[3, 5, 6, 6], 50.0, false)?;
         check(&[2, 4, 17, 3], 0.5, true)?;
         check(&[6, 8], 0.0, false) // BatchNorm1d-shaped input
+    }
+
+    #[test]
+    fn statistics_from_plane_moments_match_a_pass_over_the_data() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        // Lane tails, one image, and a large offset (where a plain sum of squares cancels).
+        for (dims, offset) in [
+            ([3, 4, 7, 5], 0.0),
+            ([1, 2, 33, 1], 0.3),
+            ([5, 3, 4, 4], 200.0),
+        ] {
+            let x = random(&mut rng, &dims, offset)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let bn = BnDims::new(&dims, &[dims[1]], &[dims[1]])?;
+            let planes: Vec<PlaneMoments> =
+                x.chunks_exact(bn.pixels).map(PlaneMoments::of).collect();
+            let want = channel_stats(&bn, &x, 1e-5);
+            let got = channel_stats_from_planes(&bn, &planes, 1e-5)?;
+            for (name, got, want) in [
+                ("mean", &got.mean, &want.mean),
+                ("var", &got.var, &want.var),
+                ("inv_std", &got.inv_std, &want.inv_std),
+            ] {
+                for (g, w) in got.iter().zip(want.iter()) {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                        "{name} {dims:?}: {g} vs {w}"
+                    );
+                }
+            }
+            match channel_stats_from_planes(&bn, &planes[1..], 1e-5) {
+                Err(err) => assert!(err.to_string().contains("plane moments"), "{err}"),
+                Ok(_) => panic!("one plane short of {dims:?} accepted"),
+            }
+        }
+        Ok(())
     }
 
     #[test]

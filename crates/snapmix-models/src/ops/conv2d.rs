@@ -1,6 +1,7 @@
 //! Conv2d for training as one candle CustomOp: on the CPU, im2col + GEMM forward and, in
 //! backward, a GEMM each for the weight and input gradients (col2im), parallel with rayon.
 
+use super::batch_norm::PlaneMoments;
 use super::cpu::{
     add_assign, cpu_tensor, matmul, matmul_serial, min_planes_per_task, storage_f32, transposed,
     with_tensor_f32, MatRef, Scratch,
@@ -281,16 +282,52 @@ fn patches_scratch(g: &ConvGeometry) -> Scratch {
 
 /// Forward, one GEMM per image: out[n] [O, P] = W [O, C*KH*KW] * col[n] [C*KH*KW, P].
 fn forward_per_image(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
+    let mut out = vec![0.0; g.batch * g.out_channels * g.out_pixels()];
+    forward_images(g, x, weight, &mut out, |_| ())?;
+    Ok(out)
+}
+
+/// [`forward_per_image`] into `out`, applying `then` to each image's output `[O, P]` while it
+/// is still in the core's cache; its results in image order.
+fn forward_images<R: Send>(
+    g: &ConvGeometry,
+    x: &[f32],
+    weight: &[f32],
+    out: &mut [f32],
+    then: impl Fn(&[f32]) -> R + Sync,
+) -> Result<Vec<R>> {
     let (o, p) = (g.out_channels, g.out_pixels());
     let weight = MatRef::row_major(weight, o, g.patch_len());
-    let mut out = vec![0.0; g.batch * o * p];
     out.par_chunks_mut(o * p)
         .zip(x.par_chunks(g.in_channels * g.image_pixels()))
-        .try_for_each(|(out, image)| {
+        .map(|(out, image)| {
             let mut scratch = patches_scratch(g);
-            matmul_serial(out, false, weight, image_patches(g, image, &mut scratch))
-        })?;
-    Ok(out)
+            matmul_serial(out, false, weight, image_patches(g, image, &mut scratch))?;
+            Ok(then(out))
+        })
+        .collect()
+}
+
+/// [`forward`], plus each output plane's moments (`batch * out_channels` of them, image-major)
+/// when the conv runs per image: computed while the image's output is in cache, they spare the
+/// batch norm that follows a pass over the whole output. `None` for the batch-wide paths.
+pub(super) fn forward_with_plane_moments(
+    g: &ConvGeometry,
+    x: &[f32],
+    weight: &[f32],
+) -> Result<(Vec<f32>, Option<Vec<PlaneMoments>>)> {
+    if !g.runs_per_image() {
+        return Ok((forward(g, x, weight)?, None));
+    }
+    let p = g.out_pixels();
+    let mut out = vec![0.0; g.batch * g.out_channels * p];
+    let per_image = forward_images(g, x, weight, &mut out, |image_out| {
+        image_out
+            .chunks_exact(p)
+            .map(PlaneMoments::of)
+            .collect::<Vec<_>>()
+    })?;
+    Ok((out, Some(per_image.concat())))
 }
 
 /// Backward, per image: grad_w = sum_n dY[n] col[n]^T, grad_x[n] = col2im(W^T dY[n]).

@@ -278,8 +278,11 @@ impl CustomOp3 for ConvBatchNormOp {
         let weight = storage_f32(weight, w_layout, "conv_batch_norm_train weight")?;
         let gamma_beta = storage_f32(gamma_beta, gb_layout, "conv_batch_norm_train gamma/beta")?;
         let (gamma, beta) = gamma_beta.split_at(self.dims.channels());
-        let conv_out = conv::forward(&self.geometry, x, weight)?;
-        let stats = batch_norm::channel_stats(&self.dims, &conv_out, self.eps);
+        let (conv_out, planes) = conv::forward_with_plane_moments(&self.geometry, x, weight)?;
+        let stats = match planes {
+            Some(planes) => batch_norm::channel_stats_from_planes(&self.dims, &planes, self.eps)?,
+            None => batch_norm::channel_stats(&self.dims, &conv_out, self.eps),
+        };
         let normalise = |residual: Option<&[f32]>| {
             batch_norm::normalise(
                 &self.dims, &conv_out, gamma, beta, &stats, self.relu, residual,
@@ -435,7 +438,11 @@ mod tests {
         check([2, 3, 11, 10], [5, 3, 3, 3], 1, 1, true);
         check([2, 4, 9, 9], [6, 4, 3, 3], 2, 1, false);
         check([3, 4, 7, 6], [5, 4, 1, 1], 1, 0, true);
-        check([2, 3, 34, 30], [4, 3, 7, 7], 2, 3, true); // one GEMM per image
+        // One GEMM per image, the batch norm's statistics from the per-image plane moments.
+        on_two_threads(|| {
+            check([2, 3, 34, 30], [4, 3, 7, 7], 2, 3, true);
+            check([3, 5, 12, 12], [6, 5, 3, 3], 1, 1, false);
+        });
     }
 
     /// A residual block (conv-BN-ReLU, conv-BN, + identity, ReLU) through the linked ops
