@@ -292,6 +292,12 @@ const PARALLEL_MIN_MACS: usize = 1 << 20;
 /// Rows or columns of a split GEMM's blocks are a multiple of this, the kernels' register tile.
 const SPLIT_ALIGN: usize = 16;
 
+/// Rows per block, at most, when a GEMM is split by rows (then into the same number of blocks
+/// per thread). Layer4's input-gradient GEMM (4608 x 256 x 512, the weight transposed) ran at
+/// 176-194 GFLOP/s in blocks of 2304, 1152 or 768 rows, 280 in blocks of 576, 255-263 in
+/// smaller ones; the column splits measured showed no such step.
+const MAX_ROWS_PER_BLOCK: usize = 576;
+
 /// `dst`'s base pointer, shared by the tasks of a split GEMM that write disjoint blocks of it.
 #[derive(Clone, Copy)]
 struct SharedDst(*mut f32);
@@ -347,11 +353,18 @@ fn gemm_into(
         unsafe { gemm_serial(dst.0, dst_row_stride, accumulate, lhs, rhs) };
         return Ok(());
     }
-    // One block of the larger output axis per thread, each a serial GEMM: `gemm`'s own
-    // threading ran ResNet layer4's shapes (e.g. 512 x 256 x 4608) at 0.7-0.9x of this split.
+    // Blocks of the larger output axis, the same number per thread, each a serial GEMM: `gemm`'s
+    // own threading ran ResNet layer4's shapes (e.g. 512 x 256 x 4608) at 0.7-0.9x of this.
     let split_rows = m >= n;
     let axis = if split_rows { m } else { n };
-    let block = axis.div_ceil(threads).next_multiple_of(SPLIT_ALIGN);
+    let blocks_per_thread = if split_rows {
+        axis.div_ceil(threads * MAX_ROWS_PER_BLOCK)
+    } else {
+        1
+    };
+    let block = axis
+        .div_ceil(threads * blocks_per_thread)
+        .next_multiple_of(SPLIT_ALIGN);
     (0..axis.div_ceil(block)).into_par_iter().for_each(|task| {
         let (start, len) = (task * block, block.min(axis - task * block));
         // SAFETY: each task writes its own rows (or columns) `start..start + len` of `dst`,
@@ -488,8 +501,13 @@ mod tests {
             .build()
             .map_err(candle_core::Error::wrap)?;
         // Tall (split by rows) and wide (split by columns), each above PARALLEL_MIN_MACS, with
-        // block ends that are not multiples of SPLIT_ALIGN; transposed operands for the wide one.
-        for (m, k, n, transposed) in [(200, 130, 45, false), (37, 150, 190, true)] {
+        // block ends that are not multiples of SPLIT_ALIGN; transposed operands for two.
+        // The tallest in two blocks per thread (MAX_ROWS_PER_BLOCK).
+        for (m, k, n, transposed) in [
+            (200, 130, 45, false),
+            (37, 150, 190, true),
+            (1800, 16, 40, true),
+        ] {
             assert!(m * n * k >= PARALLEL_MIN_MACS);
             let a: Vec<f32> = (0..m * k).map(|v| (v as f32 * 0.37).sin()).collect();
             let b: Vec<f32> = (0..k * n).map(|v| (v as f32 * 0.91).cos()).collect();
