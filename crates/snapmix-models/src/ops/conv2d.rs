@@ -116,6 +116,15 @@ impl ConvGeometry {
         self.out_pixels() >= PER_IMAGE_MIN_PIXELS && self.batch >= rayon::current_num_threads()
     }
 
+    /// Images per GEMM on the per-image path: enough for [`GROUP_MIN_COLUMNS`] output
+    /// columns, as long as every thread still gets a group.
+    fn images_per_gemm(&self) -> usize {
+        let wanted = GROUP_MIN_COLUMNS.div_ceil(self.out_pixels().max(1));
+        wanted
+            .min(self.batch / rayon::current_num_threads().max(1))
+            .max(1)
+    }
+
     /// Input pixels per image plane.
     fn image_pixels(&self) -> usize {
         self.rows * self.cols
@@ -231,6 +240,11 @@ impl CustomOp2 for Conv2dOp {
 /// [`ConvGeometry::runs_per_image`]); below it the GEMMs get too thin to pay.
 const PER_IMAGE_MIN_PIXELS: usize = 128;
 
+/// Output columns (pixels) from which the per-image path runs one GEMM per image; smaller maps
+/// put several images side by side in one GEMM. Layer2's 196-pixel maps: 120-122 GFLOP/s one
+/// image at a time, 144-152 two at a time (forward and input gradient, one thread).
+const GROUP_MIN_COLUMNS: usize = 384;
+
 /// Images whose weight-gradient GEMMs accumulate into one partial sum; the partials are then
 /// added in order, so the result does not depend on the thread count or on scheduling.
 const IMAGES_PER_PARTIAL: usize = 4;
@@ -261,22 +275,28 @@ pub(super) fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec
     ))
 }
 
-/// The im2col matrix `[C*KH*KW, P]` of one image: the image itself for a pointwise conv, else
-/// built in `scratch`.
-fn image_patches<'a>(g: &ConvGeometry, image: &'a [f32], scratch: &'a mut Scratch) -> MatRef<'a> {
-    if g.is_pointwise() {
-        return MatRef::row_major(image, g.in_channels, g.out_pixels());
+/// The im2col matrix `[C*KH*KW, count*P]` of `count` consecutive images: one pointwise
+/// conv's image is that matrix itself, else it is built in `scratch`.
+fn image_patches<'a>(
+    g: &ConvGeometry,
+    images: &'a [f32],
+    count: usize,
+    scratch: &'a mut Scratch,
+) -> MatRef<'a> {
+    let columns = count * g.out_pixels();
+    if g.is_pointwise() && count == 1 {
+        return MatRef::row_major(images, g.in_channels, columns);
     }
-    im2col_image(g, image, scratch);
-    MatRef::row_major(scratch, g.patch_len(), g.out_pixels())
+    im2col_images(g, images, count, scratch);
+    MatRef::row_major(scratch, g.patch_len(), columns)
 }
 
-/// Scratch for [`image_patches`]: none for a pointwise conv.
-fn patches_scratch(g: &ConvGeometry) -> Scratch {
-    Scratch::take(if g.is_pointwise() {
+/// Scratch for [`image_patches`] of `count` images: none for one pointwise conv's image.
+fn patches_scratch(g: &ConvGeometry, count: usize) -> Scratch {
+    Scratch::take(if g.is_pointwise() && count == 1 {
         0
     } else {
-        g.patch_len() * g.out_pixels()
+        g.patch_len() * count * g.out_pixels()
     })
 }
 
@@ -287,8 +307,9 @@ fn forward_per_image(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<
     Ok(out)
 }
 
-/// [`forward_per_image`] into `out`, applying `then` to each image's output `[O, P]` while it
-/// is still in the core's cache; its results in image order.
+/// [`forward_per_image`] into `out` (one GEMM per group of [`ConvGeometry::images_per_gemm`]
+/// images), applying `then` to each image's output `[O, P]` while it is still in the core's
+/// cache; its results in image order.
 fn forward_images<R: Send>(
     g: &ConvGeometry,
     x: &[f32],
@@ -296,16 +317,34 @@ fn forward_images<R: Send>(
     out: &mut [f32],
     then: impl Fn(&[f32]) -> R + Sync,
 ) -> Result<Vec<R>> {
-    let (o, p) = (g.out_channels, g.out_pixels());
+    let (o, p, group) = (g.out_channels, g.out_pixels(), g.images_per_gemm());
     let weight = MatRef::row_major(weight, o, g.patch_len());
-    out.par_chunks_mut(o * p)
-        .zip(x.par_chunks(g.in_channels * g.image_pixels()))
-        .map(|(out, image)| {
-            let mut scratch = patches_scratch(g);
-            matmul_serial(out, false, weight, image_patches(g, image, &mut scratch))?;
-            Ok(then(out))
+    let per_group = out
+        .par_chunks_mut(group * o * p)
+        .zip(x.par_chunks(group * g.in_channels * g.image_pixels()))
+        .map(|(out, images)| {
+            let count = out.len() / (o * p);
+            let mut scratch = patches_scratch(g, count);
+            let patches = image_patches(g, images, count, &mut scratch);
+            if count == 1 {
+                matmul_serial(out, false, weight, patches)?;
+            } else {
+                // [O, count*P] -> count images of [O, P].
+                let mut product = Scratch::take(o * count * p);
+                matmul_serial(&mut product, false, weight, patches)?;
+                for (n, image_out) in out.chunks_exact_mut(o * p).enumerate() {
+                    for (dst, row) in image_out
+                        .chunks_exact_mut(p)
+                        .zip(product.chunks_exact(count * p))
+                    {
+                        dst.copy_from_slice(&row[n * p..][..p]);
+                    }
+                }
+            }
+            Ok(out.chunks_exact(o * p).map(&then).collect::<Vec<R>>())
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok(per_group.into_iter().flatten().collect())
 }
 
 /// [`forward`], plus each output plane's moments (`batch * out_channels` of them, image-major)
@@ -346,13 +385,13 @@ fn backward_per_image(
         .zip(x.par_chunks(IMAGES_PER_PARTIAL * image_len))
         .map(|(grads, images)| {
             let mut partial = vec![0.0; o * k];
-            let mut scratch = patches_scratch(g);
+            let mut scratch = patches_scratch(g, 1);
             for (i, (grad, image)) in grads
                 .chunks(o * p)
                 .zip(images.chunks(image_len))
                 .enumerate()
             {
-                let patches = image_patches(g, image, &mut scratch);
+                let patches = image_patches(g, image, 1, &mut scratch);
                 layout.add(&mut partial, i > 0, MatRef::row_major(grad, o, p), patches)?;
             }
             Ok(partial)
@@ -365,18 +404,31 @@ fn backward_per_image(
         None => return Ok((None, grad_w)),
     };
     let weight_t = MatRef::row_major(weight, o, k).t();
+    let group = g.images_per_gemm();
     grad_x
-        .par_chunks_mut(image_len)
-        .zip(grad_out.par_chunks(o * p))
+        .par_chunks_mut(group * image_len)
+        .zip(grad_out.par_chunks(group * o * p))
         .try_for_each(|(grad_x, grad)| {
-            let grad = MatRef::row_major(grad, o, p);
-            if g.is_pointwise() {
+            let count = grad.len() / (o * p);
+            if g.is_pointwise() && count == 1 {
+                let grad = MatRef::row_major(grad, o, p);
                 return matmul_serial(grad_x, accumulate, weight_t, grad);
             }
-            let mut grad_col = Scratch::take(k * p);
+            // The group's output gradient side by side, [O, count*P].
+            let mut grad_cm = Scratch::take(o * count * p);
+            for (n, image_grad) in grad.chunks_exact(o * p).enumerate() {
+                for (row, dst) in image_grad
+                    .chunks_exact(p)
+                    .zip(grad_cm.chunks_exact_mut(count * p))
+                {
+                    dst[n * p..][..p].copy_from_slice(row);
+                }
+            }
+            let mut grad_col = Scratch::take(k * count * p);
+            let grad = MatRef::row_major(&grad_cm, o, count * p);
             matmul_serial(&mut grad_col, false, weight_t, grad)?;
             // Into the new buffer's zeros or the gradient already there alike.
-            col2im_image_add(g, &grad_col, grad_x);
+            col2im_images_add(g, &grad_col, count, grad_x);
             Ok(())
         })?;
     Ok((Some(grad_x), grad_w))
@@ -759,16 +811,19 @@ fn im2col(g: &ConvGeometry, x: &[f32], col: &mut [f32]) {
     });
 }
 
-/// The im2col matrix `[C*KH*KW, P]` of one image, on the calling thread.
-fn im2col_image(g: &ConvGeometry, image: &[f32], col: &mut [f32]) {
-    let taps = g.kernel_rows * g.kernel_cols;
+/// The im2col matrix `[C*KH*KW, count*P]` of `count` consecutive images (image n in columns
+/// `n*P..(n+1)*P`), on the calling thread.
+fn im2col_images(g: &ConvGeometry, images: &[f32], count: usize, col: &mut [f32]) {
+    let (taps, p) = (g.kernel_rows * g.kernel_cols, g.out_pixels());
     let mut phased = None;
-    let image = split_column_phases(g, image, &mut phased);
+    let images = split_column_phases(g, images, &mut phased);
     let plane_len = g.rows * phased_row_len(g);
-    for (row, dst) in col.chunks_exact_mut(g.out_pixels()).enumerate() {
+    for (row, dst) in col.chunks_exact_mut(count * p).enumerate() {
         let (c, tap) = (row / taps, row % taps);
-        let plane = &image[c * plane_len..][..plane_len];
-        fill_tap(g, plane, tap / g.kernel_cols, tap % g.kernel_cols, dst);
+        for (n, dst) in dst.chunks_exact_mut(p).enumerate() {
+            let plane = &images[(n * g.in_channels + c) * plane_len..][..plane_len];
+            fill_tap(g, plane, tap / g.kernel_cols, tap % g.kernel_cols, dst);
+        }
     }
 }
 
@@ -792,15 +847,20 @@ fn col2im(g: &ConvGeometry, col: &[f32], image_cm: &mut [f32]) {
         });
 }
 
-/// The adjoint of [`im2col_image`]: adds one image's input gradient from its im2col-shaped
-/// gradient into `image` `[C, rows*cols]`, on the calling thread.
-fn col2im_image_add(g: &ConvGeometry, col: &[f32], image: &mut [f32]) {
-    let taps = g.kernel_rows * g.kernel_cols;
-    let image_pixels = g.image_pixels();
-    for (row, src) in col.chunks_exact(g.out_pixels()).enumerate() {
+/// The adjoint of [`im2col_images`]: adds `count` images' input gradients from their
+/// im2col-shaped gradient into `images` (`count` of `[C, rows*cols]`), on the calling thread.
+fn col2im_images_add(g: &ConvGeometry, col: &[f32], count: usize, images: &mut [f32]) {
+    let (taps, p, image_pixels) = (
+        g.kernel_rows * g.kernel_cols,
+        g.out_pixels(),
+        g.image_pixels(),
+    );
+    for (row, src) in col.chunks_exact(count * p).enumerate() {
         let (c, tap) = (row / taps, row % taps);
-        let plane = &mut image[c * image_pixels..][..image_pixels];
-        add_tap(g, src, tap / g.kernel_cols, tap % g.kernel_cols, plane);
+        for (n, src) in src.chunks_exact(p).enumerate() {
+            let plane = &mut images[(n * g.in_channels + c) * image_pixels..][..image_pixels];
+            add_tap(g, src, tap / g.kernel_cols, tap % g.kernel_cols, plane);
+        }
     }
 }
 
@@ -895,7 +955,8 @@ mod tests {
             check([16, 3, 4, 6], [4, 3, 3, 3], 1, 0)?; // narrower output than input
             check([16, 2, 1, 1], [3, 2, 3, 3], 1, 1)?; // one pixel: 8 of 9 taps see only padding
 
-            // One GEMM per image (at least 128 output pixels, an image per thread).
+            // The per-image path (at least 128 output pixels, an image per thread); maps under
+            // 384 pixels put 2-3 images in one GEMM.
             check([9, 6, 12, 11], [5, 6, 1, 1], 1, 0)?; // 1x1, partials of 4 + 4 + 1
             check([2, 4, 16, 8], [7, 4, 1, 1], 1, 0)?; // 1x1, one partial
             check([5, 4, 12, 12], [6, 4, 3, 3], 1, 1)?; // 3x3, partials of 4 + 1
@@ -904,6 +965,25 @@ mod tests {
                                                         // Weight gradients accumulated transposed (K > O, at least 512 pixels).
             check([9, 4, 12, 12], [6, 4, 3, 3], 1, 1)?; // 3x3, partials of 4 + 4 + 1
             check([5, 3, 34, 30], [4, 3, 7, 7], 2, 3) // stem
+        })
+    }
+
+    #[test]
+    fn small_maps_put_several_images_in_one_gemm_while_every_thread_gets_a_group() -> Result<()> {
+        let per_gemm = |x: [usize; 4], w: [usize; 4], stride, padding| -> Result<usize> {
+            Ok(ConvGeometry::new(&x, &w, stride, padding)?.images_per_gemm())
+        };
+        on_two_threads(|| {
+            // ResNet-18 at 112x112, batch 16: layer2's 14x14 maps in pairs, layer1's 28x28 alone.
+            assert_eq!(per_gemm([16, 128, 14, 14], [128, 128, 3, 3], 1, 1)?, 2);
+            assert_eq!(per_gemm([16, 64, 28, 28], [64, 64, 3, 3], 1, 1)?, 1);
+            // The cases of `matches_candle_on_resnet_geometries` with groups, one ragged.
+            assert_eq!(per_gemm([9, 6, 12, 11], [5, 6, 1, 1], 1, 0)?, 3);
+            assert_eq!(per_gemm([5, 4, 12, 12], [6, 4, 3, 3], 1, 1)?, 2);
+            assert_eq!(per_gemm([5, 3, 34, 30], [4, 3, 7, 7], 2, 3)?, 2);
+            // Two images on two threads: one each.
+            assert_eq!(per_gemm([2, 4, 16, 8], [7, 4, 1, 1], 1, 0)?, 1);
+            Ok(())
         })
     }
 
