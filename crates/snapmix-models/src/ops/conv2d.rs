@@ -109,9 +109,10 @@ impl ConvGeometry {
         self.kernel_rows == 1 && self.kernel_cols == 1 && self.stride == 1 && self.padding == 0
     }
 
-    /// Enough output pixels per image, and images for every thread: then one GEMM per image,
-    /// on an im2col matrix small enough to stay in the core's cache (or, pointwise, on the
-    /// NCHW data itself), beats a batch-wide im2col streamed through memory and the reorders.
+    /// Enough output pixels per image, and images for every thread: then one GEMM per image (or
+    /// small group of images, [`Self::images_per_gemm`]), on an im2col matrix small enough to
+    /// stay in the core's cache (or, pointwise, on the NCHW data itself), beats a batch-wide
+    /// im2col streamed through memory and the reorders.
     fn runs_per_image(&self) -> bool {
         self.out_pixels() >= PER_IMAGE_MIN_PIXELS && self.batch >= rayon::current_num_threads()
     }
@@ -241,7 +242,7 @@ impl CustomOp2 for Conv2dOp {
 const PER_IMAGE_MIN_PIXELS: usize = 128;
 
 /// Output columns (pixels) from which the per-image path runs one GEMM per image; smaller maps
-/// put several images side by side in one GEMM. Layer2's 196-pixel maps: 120-122 GFLOP/s one
+/// put several images side by side in one GEMM (forward and input gradient). Layer2's 196-pixel maps: 120-122 GFLOP/s one
 /// image at a time, 144-152 two at a time (forward and input gradient, one thread).
 const GROUP_MIN_COLUMNS: usize = 384;
 
@@ -300,7 +301,8 @@ fn patches_scratch(g: &ConvGeometry, count: usize) -> Scratch {
     })
 }
 
-/// Forward, one GEMM per image: out[n] [O, P] = W [O, C*KH*KW] * col[n] [C*KH*KW, P].
+/// Forward, per image: out[n] [O, P] = W [O, C*KH*KW] * col[n] [C*KH*KW, P] (a GEMM per
+/// image or small group of images).
 fn forward_per_image(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
     let mut out = vec![0.0; g.batch * g.out_channels * g.out_pixels()];
     forward_images(g, x, weight, &mut out, |_| ())?;
