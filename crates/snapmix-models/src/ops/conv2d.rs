@@ -3,8 +3,8 @@
 
 use super::batch_norm::PlaneMoments;
 use super::cpu::{
-    add_assign, cpu_tensor, matmul, matmul_serial, min_planes_per_task, storage_f32, transposed,
-    with_tensor_f32, MatRef, Scratch,
+    add_assign, cpu_tensor, matmul, matmul_serial, min_planes_per_task, storage_f32,
+    transposed_sum, with_tensor_f32, MatRef, Scratch,
 };
 use candle_core::{bail, CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -399,7 +399,7 @@ fn backward_per_image(
             Ok(partial)
         })
         .collect::<Result<Vec<_>>>()?;
-    let grad_w = layout.into_oihw(sum_in_order(&partials, o * k))?;
+    let grad_w = layout.sum_as_oihw(&partials)?;
 
     let (mut grad_x, accumulate) = match input_grad.buffer(g.batch * image_len)? {
         Some(buffer) => buffer,
@@ -544,7 +544,7 @@ fn weight_gradient(grad_cm: MatRef, col: MatRef) -> Result<Vec<f32>> {
     if pixels < 2 * PIXELS_PER_PARTIAL {
         let mut grad_w = vec![0.0; out_channels * patch_len];
         layout.add_parallel(&mut grad_w, grad_cm, col)?;
-        return layout.into_oihw(grad_w);
+        return layout.sum_as_oihw(&[grad_w]);
     }
     let partials = (0..pixels.div_ceil(PIXELS_PER_PARTIAL))
         .into_par_iter()
@@ -560,16 +560,17 @@ fn weight_gradient(grad_cm: MatRef, col: MatRef) -> Result<Vec<f32>> {
             Ok(partial)
         })
         .collect::<Result<Vec<_>>>()?;
-    layout.into_oihw(sum_in_order(&partials, out_channels * patch_len))
+    layout.sum_as_oihw(&partials)
 }
 
 /// How a weight gradient `dY [O, P] * patches [K, P]^T` is accumulated. Both factors run along
 /// pixels, so `gemm` transposes one of them as it packs: accumulating the transpose
 /// `patches * dY^T` (`[K, O]`) makes that the smaller dY when K > O. On ResNet's 3x3 and stem
-/// shapes its GEMMs ran 1.2-1.5x faster (layer1 per image 105 -> 156 GFLOP/s, stem 90 -> 129);
-/// the result is transposed once at the end, so only for reductions over at least
-/// [`TRANSPOSED_MIN_PIXELS`] pixels: per-op timers, R18 b16 112x112, layer4's 3x3 convs (256
-/// pixels) 11.3 -> 13.5 ms each in backward, layer3's stride-2 3x3 (784) 7.6 -> 5.1-5.4 ms.
+/// shapes its GEMMs ran 1.2-1.5x faster (layer1 per image 105 -> 156 GFLOP/s, stem 90 -> 129).
+/// The result is transposed once, in the pass that adds the partial sums, and only for
+/// reductions over at least [`TRANSPOSED_MIN_PIXELS`] pixels: per-op timers, R18 b16 112x112,
+/// layer4's 3x3 convs (256 pixels) 11.3 -> 13.5 ms each in backward, layer3's stride-2 3x3
+/// (784) 7.6 -> 5.1-5.4 ms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct WeightGradient {
     out_channels: usize,
@@ -608,11 +609,15 @@ impl WeightGradient {
     }
 
     /// The accumulated gradient as OIHW `[O, K]`.
-    fn into_oihw(self, acc: Vec<f32>) -> Result<Vec<f32>> {
+    /// The sum of `partials` (added in order) as OIHW `[O, K]`, transposed in the same pass.
+    fn sum_as_oihw<P: std::ops::Deref<Target = [f32]> + Sync>(
+        self,
+        partials: &[P],
+    ) -> Result<Vec<f32>> {
         if self.transposed {
-            transposed(&acc, self.patch_len, self.out_channels)
+            transposed_sum(partials, self.patch_len, self.out_channels)
         } else {
-            Ok(acc)
+            Ok(sum_in_order(partials, self.out_channels * self.patch_len))
         }
     }
 }

@@ -63,31 +63,38 @@ pub(crate) fn add_assign(dst: &mut [f32], src: &[f32]) -> Result<()> {
     Ok(())
 }
 
-/// The transpose of row-major `rows x cols` `src`, in 16x16 tiles (a cache line of each of 16
-/// rows at a time) and in parallel over bands of rows.
-pub(crate) fn transposed(src: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
+/// The sum of row-major `rows x cols` matrices, transposed: element (j, i) of the result is the
+/// sum over `parts` (added in their order, from zero) of their (i, j). Done in 16x16 tiles (a
+/// cache line of each of 16 rows at a time) and in parallel over bands of rows, in one pass.
+pub(crate) fn transposed_sum<P: Deref<Target = [f32]> + Sync>(
+    parts: &[P],
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>> {
     const TILE: usize = 16;
-    if src.len() != rows * cols {
+    if let Some(part) = parts.iter().find(|part| part.len() != rows * cols) {
         bail!(
-            "transpose: a {rows}x{cols} matrix from {} values",
-            src.len()
+            "transposed sum: a {rows}x{cols} matrix from {} values",
+            part.len()
         );
     }
     let mut dst = vec![0.0; rows * cols];
     if dst.is_empty() {
         return Ok(dst);
     }
-    // A band: TILE rows of dst (TILE columns of src).
+    // A band: TILE rows of dst (TILE columns of the parts).
     dst.par_chunks_mut(TILE * rows)
         .enumerate()
         .for_each(|(band, dst)| {
             let first_col = band * TILE;
             let band_cols = dst.len() / rows;
             for first_row in (0..rows).step_by(TILE) {
-                for row in first_row..(first_row + TILE).min(rows) {
-                    let src_row = &src[row * cols + first_col..][..band_cols];
-                    for (j, &value) in src_row.iter().enumerate() {
-                        dst[j * rows + row] = value;
+                for part in parts {
+                    for row in first_row..(first_row + TILE).min(rows) {
+                        let src_row = &part[row * cols + first_col..][..band_cols];
+                        for (j, &value) in src_row.iter().enumerate() {
+                            dst[j * rows + row] += value;
+                        }
                     }
                 }
             }
@@ -533,20 +540,22 @@ mod tests {
     }
 
     #[test]
-    fn transposes_in_tiles_with_ragged_edges() -> Result<()> {
+    fn sums_and_transposes_in_tiles_with_ragged_edges() -> Result<()> {
         for (rows, cols) in [(37, 21), (5, 40), (16, 16), (1, 3)] {
-            let src: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
-            let dst = transposed(&src, rows, cols)?;
-            for (i, &value) in dst.iter().enumerate() {
+            let parts: Vec<Vec<f32>> = (0..3)
+                .map(|p| (0..rows * cols).map(|v| (v * 7 + p) as f32).collect())
+                .collect();
+            let single = transposed_sum(&parts[..1], rows, cols)?;
+            let sum = transposed_sum(&parts, rows, cols)?;
+            for i in 0..rows * cols {
                 let (col, row) = (i / rows, i % rows);
-                assert_eq!(
-                    value,
-                    src[row * cols + col],
-                    "{rows}x{cols} at ({row}, {col})"
-                );
+                let at = row * cols + col;
+                assert_eq!(single[i], parts[0][at], "{rows}x{cols} at ({row}, {col})");
+                let want = (0.0 + parts[0][at]) + parts[1][at] + parts[2][at];
+                assert_eq!(sum[i], want, "{rows}x{cols} at ({row}, {col})");
             }
         }
-        assert!(transposed(&[0.0; 5], 2, 3).is_err());
+        assert!(transposed_sum(&[vec![0.0; 6], vec![0.0; 5]], 2, 3).is_err());
         Ok(())
     }
 
