@@ -544,7 +544,7 @@ fn weight_gradient(grad_cm: MatRef, col: MatRef) -> Result<Vec<f32>> {
     if pixels < 2 * PIXELS_PER_PARTIAL {
         let mut grad_w = vec![0.0; out_channels * patch_len];
         layout.add_parallel(&mut grad_w, grad_cm, col)?;
-        return layout.sum_as_oihw(&[grad_w]);
+        return layout.into_oihw(grad_w);
     }
     let partials = (0..pixels.div_ceil(PIXELS_PER_PARTIAL))
         .into_par_iter()
@@ -609,6 +609,15 @@ impl WeightGradient {
     }
 
     /// The accumulated gradient as OIHW `[O, K]`.
+    /// The gradient accumulated in `acc` as OIHW `[O, K]` (`acc` itself in the direct layout).
+    fn into_oihw(self, acc: Vec<f32>) -> Result<Vec<f32>> {
+        if self.transposed {
+            transposed_sum(&[acc], self.patch_len, self.out_channels)
+        } else {
+            Ok(acc)
+        }
+    }
+
     /// The sum of `partials` (added in order) as OIHW `[O, K]`, transposed in the same pass.
     fn sum_as_oihw<P: std::ops::Deref<Target = [f32]> + Sync>(
         self,
