@@ -242,8 +242,8 @@ impl CustomOp2 for Conv2dOp {
 const PER_IMAGE_MIN_PIXELS: usize = 128;
 
 /// Output columns (pixels) from which the per-image path runs one GEMM per image; smaller maps
-/// put several images side by side in one GEMM (forward and input gradient). Layer2's 196-pixel maps: 120-122 GFLOP/s one
-/// image at a time, 144-152 two at a time (forward and input gradient, one thread).
+/// put several images side by side in one GEMM (forward and input gradient). Layer2's 196-pixel
+/// maps: 120-122 GFLOP/s one image at a time, 144-152 two at a time (one thread).
 const GROUP_MIN_COLUMNS: usize = 384;
 
 /// Images whose weight-gradient GEMMs accumulate into one partial sum; the partials are then
