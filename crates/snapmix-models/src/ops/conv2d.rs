@@ -978,7 +978,8 @@ mod tests {
             check([5, 4, 12, 12], [6, 4, 3, 3], 1, 1)?; // 3x3, partials of 4 + 1
             check([2, 4, 30, 28], [5, 4, 3, 3], 2, 1)?; // strided 3x3
             check([2, 3, 34, 30], [4, 3, 7, 7], 2, 3)?; // stem
-                                                        // Weight gradients accumulated transposed (K > O, at least 512 pixels).
+
+            // Weight gradients accumulated transposed (K > O, at least 512 pixels).
             check([9, 4, 12, 12], [6, 4, 3, 3], 1, 1)?; // 3x3, partials of 4 + 4 + 1
             check([5, 3, 34, 30], [4, 3, 7, 7], 2, 3) // stem
         })
