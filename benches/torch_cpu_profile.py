@@ -8,10 +8,9 @@ Usage: .venv-bench/bin/python benches/torch_cpu_profile.py --config resnet18:16:
 import argparse
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from torch_cpu_train import ResNet
+from torch_cpu_train import training_step
 
 
 def main():
@@ -26,18 +25,7 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     arch, batch, size = a.config.split(":")
-    batch, size = int(batch), int(size)
-    model = ResNet(arch, a.classes).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    images = torch.randn(batch, 3, size, size)
-    labels = torch.arange(batch) % a.classes
-
-    def step():
-        loss = F.cross_entropy(model(images), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = training_step(arch, int(batch), int(size), a.classes)
     for _ in range(a.warmup):
         step()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:

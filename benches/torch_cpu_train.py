@@ -79,6 +79,23 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.layers(x), 1), 1))
 
 
+def training_step(arch, batch, size, classes):
+    """The timed step on a fixed random batch: train-mode forward, cross-entropy, backward, SGD
+    momentum 0.9 update."""
+    model = ResNet(arch, classes).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images = torch.randn(batch, 3, size, size)
+    labels = torch.arange(batch) % classes
+
+    def step():
+        loss = F.cross_entropy(model(images), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="resnet18:32:64,resnet18:16:112,resnet50:8:64,resnet50:16:112")
@@ -93,17 +110,7 @@ def main():
     for spec in a.configs.split(","):
         arch, batch, size = spec.split(":")
         batch, size = int(batch), int(size)
-        model = ResNet(arch, a.classes).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        images = torch.randn(batch, 3, size, size)
-        labels = torch.arange(batch) % a.classes
-
-        def step():
-            loss = F.cross_entropy(model(images), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+        step = training_step(arch, batch, size, a.classes)
         for _ in range(a.warmup):
             step()
         times = []
