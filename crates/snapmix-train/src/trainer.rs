@@ -480,7 +480,11 @@ impl Trainer {
                     lr,
                     images_per_sec: batch.len() as f64 / seconds.max(1e-9),
                 });
-                if self.state.global_step % self.config.run.log_every_steps == 0 {
+                if self
+                    .state
+                    .global_step
+                    .is_multiple_of(self.config.run.log_every_steps)
+                {
                     self.metrics.write(&MetricRecord::Step {
                         epoch,
                         global_step: self.state.global_step,
@@ -502,20 +506,21 @@ impl Trainer {
                         return Ok(self.interrupted(checkpoint));
                     }
                     let every = self.config.run.checkpoint_every_steps;
-                    if every > 0 && self.state.global_step % every == 0 {
+                    if every > 0 && self.state.global_step.is_multiple_of(every) {
                         self.checkpoint(false)?;
                     }
                 }
             }
             let train_seconds = epoch_start.elapsed().as_secs_f64();
-            let eval =
-                if (epoch + 1) % self.config.run.eval_every_epochs == 0 || epoch + 1 == epochs {
-                    observer.evaluating(epoch);
-                    let result = evaluate(&self.model, &self.data.test, &self.device)?;
-                    Some(eval_record(epoch, &result))
-                } else {
-                    None
-                };
+            let eval = if (epoch + 1).is_multiple_of(self.config.run.eval_every_epochs)
+                || epoch + 1 == epochs
+            {
+                observer.evaluating(epoch);
+                let result = evaluate(&self.model, &self.data.test, &self.device)?;
+                Some(eval_record(epoch, &result))
+            } else {
+                None
+            };
             let is_best = match (&eval, &self.state.best) {
                 (Some(new), Some(best)) => new.score() > best.score(),
                 (Some(_), None) => true,

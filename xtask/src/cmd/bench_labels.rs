@@ -362,7 +362,7 @@ impl Spms {
         let &[len, h, w] = cam.cam().dims() else {
             bail!("unexpected CAM shape {:?}", cam.cam().dims());
         };
-        if size % h != 0 || size % w != 0 {
+        if !size.is_multiple_of(h) || !size.is_multiple_of(w) {
             bail!("image size {size} is not a multiple of the CAM grid {h}x{w}");
         }
         // A part mask is a one-channel "feature map" with a classifier weight of 1 for every
