@@ -10,6 +10,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, Device, Layout, Result, Shape, Te
 use rayon::prelude::*;
 use std::sync::Arc;
 
+mod direct;
 mod taps;
 
 /// Convolves NCHW `x` with OIHW `weight` (no bias, no dilation, one group, the same stride and
@@ -319,6 +320,9 @@ fn forward_images<R: Send>(
     out: &mut [f32],
     then: impl Fn(&[f32]) -> R + Sync,
 ) -> Result<Vec<R>> {
+    if direct::applies(g) {
+        return direct::forward_images(g, x, weight, out, then);
+    }
     let (o, p, group) = (g.out_channels, g.out_pixels(), g.images_per_gemm());
     let weight = MatRef::row_major(weight, o, g.patch_len());
     let per_group = out
@@ -405,6 +409,10 @@ fn backward_per_image(
         Some(buffer) => buffer,
         None => return Ok((None, grad_w)),
     };
+    if direct::applies(g) {
+        direct::input_gradient(g, weight, grad_out, &mut grad_x, accumulate);
+        return Ok((Some(grad_x), grad_w));
+    }
     let weight_t = MatRef::row_major(weight, o, k).t();
     let group = g.images_per_gemm();
     grad_x
@@ -978,6 +986,11 @@ mod tests {
             check([5, 4, 12, 12], [6, 4, 3, 3], 1, 1)?; // 3x3, partials of 4 + 1
             check([2, 4, 30, 28], [5, 4, 3, 3], 2, 1)?; // strided 3x3
             check([2, 3, 34, 30], [4, 3, 7, 7], 2, 3)?; // stem
+
+            // Direct 3x3 convs (stride 1, at least 14 columns; with AVX-512): channel blocks
+            // 12 + 4 forward and 8 (5 rounded up) for the input gradient, and 12 + 12.
+            check([3, 5, 9, 16], [13, 5, 3, 3], 1, 1)?;
+            check([2, 24, 14, 14], [24, 24, 3, 3], 1, 1)?;
 
             // Weight gradients accumulated transposed (K > O, at least 512 pixels).
             check([9, 4, 12, 12], [6, 4, 3, 3], 1, 1)?; // 3x3, partials of 4 + 4 + 1
