@@ -184,7 +184,7 @@ impl FlatLayout {
 /// channels, `[in_channel][tap][channel in block]`, the output channels rounded up to a multiple
 /// of [`CHANNEL_ROUNDING`] with zeros.
 struct PackedWeights {
-    values: Vec<f32>,
+    values: Scratch,
     out_channels: usize,
     in_channels: usize,
 }
@@ -192,39 +192,69 @@ struct PackedWeights {
 impl PackedWeights {
     /// The conv's own OIHW `weight` `[out_channels, in_channels, 3, 3]`.
     fn forward(weight: &[f32], out_channels: usize, in_channels: usize) -> Self {
-        Self::pack(out_channels, in_channels, |o, c, tap| {
-            weight[(o * in_channels + c) * 9 + tap]
+        Self::pack(out_channels, in_channels, |first, block, dst| {
+            // The block's rows `[block, C * 9]` transposed, in tiles of `TILE` columns so
+            // that the tile's destination stays in L1 while `block` rows are read into it.
+            const TILE: usize = 64;
+            let rows = &weight[first * in_channels * 9..][..block * in_channels * 9];
+            for (tile, dst) in dst.chunks_mut(TILE * block).enumerate() {
+                for (i, row) in rows.chunks_exact(in_channels * 9).enumerate() {
+                    let src = &row[tile * TILE..][..dst.len() / block];
+                    for (k, &value) in src.iter().enumerate() {
+                        dst[k * block + i] = value;
+                    }
+                }
+            }
         })
     }
 
     /// The input gradient's weights for OIHW `weight` `[out_channels, in_channels, 3, 3]`: a
     /// conv from `out_channels` to `in_channels` with every kernel flipped (tap `8 - tap`).
     fn input_gradient(weight: &[f32], out_channels: usize, in_channels: usize) -> Self {
-        Self::pack(in_channels, out_channels, |c, o, tap| {
-            weight[(o * in_channels + c) * 9 + 8 - tap]
+        Self::pack(in_channels, out_channels, |first, block, dst| {
+            // Per output channel of the weight, its kernels of input channels `first..`.
+            for (o, dst) in dst.chunks_exact_mut(9 * block).enumerate() {
+                let kernels = &weight[(o * in_channels + first) * 9..][..block * 9];
+                for (i, kernel) in kernels.chunks_exact(9).enumerate() {
+                    for (tap, &value) in kernel.iter().enumerate() {
+                        dst[(8 - tap) * block + i] = value;
+                    }
+                }
+            }
         })
     }
 
+    /// Packs `out_channels` rounded up, a block per rayon task: `fill(first, channels, dst)`
+    /// writes every value of the block of `channels` from `first` into `dst`
+    /// (`[in_channels * 9, channels]`); the rounded-up block gets zeros for the channels past
+    /// `out_channels`. `in_channels` must not be 0.
     fn pack(
         out_channels: usize,
         in_channels: usize,
-        weight: impl Fn(usize, usize, usize) -> f32,
+        fill: impl Fn(usize, usize, &mut [f32]) + Sync,
     ) -> Self {
         let rounded = out_channels.next_multiple_of(CHANNEL_ROUNDING);
-        let mut values = Vec::with_capacity(rounded * in_channels * 9);
-        for (first, block) in channel_blocks(rounded) {
-            for c in 0..in_channels {
-                for tap in 0..9 {
-                    values.extend((first..first + block).map(|o| {
-                        if o < out_channels {
-                            weight(o, c, tap)
-                        } else {
-                            0.0
-                        }
-                    }));
+        let mut values = Scratch::take(rounded * in_channels * 9);
+        values
+            .par_chunks_mut(CHANNEL_BLOCK * in_channels * 9)
+            .enumerate()
+            .for_each(|(index, dst)| {
+                let first = index * CHANNEL_BLOCK;
+                let block = dst.len() / (in_channels * 9).max(1);
+                let existing = block.min(out_channels.saturating_sub(first));
+                if existing == block {
+                    fill(first, block, dst);
+                } else {
+                    // The rounded-up block: pack the existing channels narrower, then spread
+                    // them with zeros for the others.
+                    let mut narrow = vec![0.0; existing * in_channels * 9];
+                    fill(first, existing, &mut narrow);
+                    for (k, dst) in dst.chunks_exact_mut(block).enumerate() {
+                        dst[..existing].copy_from_slice(&narrow[k * existing..][..existing]);
+                        dst[existing..].fill(0.0);
+                    }
                 }
-            }
-        }
+            });
         Self {
             values,
             out_channels,
