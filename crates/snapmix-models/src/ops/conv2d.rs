@@ -226,6 +226,7 @@ impl CustomOp2 for Conv2dOp {
                         weight,
                         grad_out,
                         InputGradient::new_if(self.input_grad),
+                        None,
                     )
                 })
             })
@@ -259,6 +260,11 @@ pub(super) fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec
     if taps::applies(g) {
         return taps::forward(g, x, weight);
     }
+    Ok(forward_batch_wide(g, x, weight)?.0)
+}
+
+/// The batch-wide path of [`forward`]: the output and the im2col matrix it multiplied.
+fn forward_batch_wide(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<(Vec<f32>, Scratch)> {
     let (k, np) = (g.patch_len(), g.batch * g.out_pixels());
     let mut col = Scratch::take(k * np);
     im2col(g, x, &mut col);
@@ -269,12 +275,8 @@ pub(super) fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec
         MatRef::row_major(weight, g.out_channels, k),
         MatRef::row_major(&col, k, np),
     )?;
-    Ok(from_channel_major(
-        &out_cm,
-        g.batch,
-        g.out_channels,
-        g.out_pixels(),
-    ))
+    let out = from_channel_major(&out_cm, g.batch, g.out_channels, g.out_pixels());
+    Ok((out, col))
 }
 
 /// The im2col matrix `[C*KH*KW, count*P]` of `count` consecutive images: one pointwise
@@ -353,16 +355,36 @@ fn forward_images<R: Send>(
     Ok(per_group.into_iter().flatten().collect())
 }
 
-/// [`forward`], plus each output plane's moments (`batch * out_channels` of them, image-major)
-/// when the conv runs per image: computed while the image's output is in cache, they spare the
-/// batch norm that follows a pass over the whole output. `None` for the batch-wide paths.
-pub(super) fn forward_with_plane_moments(
+/// A training forward pass: the output and what its backward pass can reuse.
+pub(super) struct TrainingForward {
+    pub(super) out: Vec<f32>,
+    /// Each output plane's moments (`batch * out_channels`, image-major) on the per-image path:
+    /// computed while the image's output is in cache, they spare the batch norm that follows a
+    /// pass over the whole output.
+    pub(super) planes: Option<Vec<PlaneMoments>>,
+    /// The im2col matrix of the batch-wide path, for [`backward`]'s weight gradient, which
+    /// would otherwise build it again (layer3 and layer4 of ResNet at 112x112).
+    pub(super) patches: Option<Scratch>,
+}
+
+/// [`forward`], keeping what [`TrainingForward`] lists.
+pub(super) fn forward_for_training(
     g: &ConvGeometry,
     x: &[f32],
     weight: &[f32],
-) -> Result<(Vec<f32>, Option<Vec<PlaneMoments>>)> {
+) -> Result<TrainingForward> {
     if !g.runs_per_image() {
-        return Ok((forward(g, x, weight)?, None));
+        let (out, patches) = if taps::applies(g) {
+            (taps::forward(g, x, weight)?, None)
+        } else {
+            let (out, patches) = forward_batch_wide(g, x, weight)?;
+            (out, Some(patches))
+        };
+        return Ok(TrainingForward {
+            out,
+            planes: None,
+            patches,
+        });
     }
     let p = g.out_pixels();
     let mut out = vec![0.0; g.batch * g.out_channels * p];
@@ -372,7 +394,11 @@ pub(super) fn forward_with_plane_moments(
             .map(PlaneMoments::of)
             .collect::<Vec<_>>()
     })?;
-    Ok((out, Some(per_image.concat())))
+    Ok(TrainingForward {
+        out,
+        planes: Some(per_image.concat()),
+        patches: None,
+    })
 }
 
 /// Backward, per image: grad_w = sum_n dY[n] col[n]^T, grad_x[n] = col2im(W^T dY[n]).
@@ -478,12 +504,15 @@ impl InputGradient {
 }
 
 /// Backward: grad_w = dY [O, N*P] * col^T, and (if wanted) grad_x = col2im(W^T * dY).
+/// `patches`: the batch-wide path's im2col matrix of `x` from [`forward_for_training`], if
+/// kept (else, or on the other paths, it is built here as needed).
 pub(super) fn backward(
     g: &ConvGeometry,
     x: &[f32],
     weight: &[f32],
     grad_out: &[f32],
     input_grad: InputGradient,
+    patches: Option<&[f32]>,
 ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
     if g.runs_per_image() {
         return backward_per_image(g, x, weight, grad_out, input_grad);
@@ -508,10 +537,15 @@ pub(super) fn backward(
     );
     let grad_cm = MatRef::row_major(&grad_cm, g.out_channels, np);
 
-    let grad_w = {
-        let mut col = Scratch::take(k * np);
-        im2col(g, x, &mut col);
-        weight_gradient(grad_cm, MatRef::row_major(&col, k, np))?
+    let grad_w = match patches {
+        Some(col) if col.len() == k * np => {
+            weight_gradient(grad_cm, MatRef::row_major(col, k, np))?
+        }
+        _ => {
+            let mut col = Scratch::take(k * np);
+            im2col(g, x, &mut col);
+            weight_gradient(grad_cm, MatRef::row_major(&col, k, np))?
+        }
     };
 
     if matches!(input_grad, InputGradient::Skip) {
@@ -1049,6 +1083,45 @@ mod tests {
         assert!(!picks([16, 0, 4, 4], [8, 0, 3, 3], 1)?); // nothing to split into tasks
                                                           // And the large-weight path computes what candle does.
         on_two_threads(|| check([16, 260, 2, 2], [258, 260, 3, 3], 1, 1))
+    }
+
+    #[test]
+    fn the_batch_wide_weight_gradient_reuses_the_forward_im2col() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut values = |dims: &[usize]| -> Result<Vec<f32>> {
+            random(&mut rng, dims, 0.0)?.flatten_all()?.to_vec1::<f32>()
+        };
+        on_two_threads(|| {
+            // A strided conv on a 7x7 output map: the batch-wide im2col path.
+            let g = ConvGeometry::new(&[4, 6, 13, 13], &[5, 6, 3, 3], 2, 1)?;
+            let (x, other_x) = (values(&[4, 6, 13, 13])?, values(&[4, 6, 13, 13])?);
+            let (w, dy) = (values(&[5, 6, 3, 3])?, values(&[4, 5, 7, 7])?);
+            let kept = forward_for_training(&g, &x, &w)?;
+            assert_eq!(kept.out, forward(&g, &x, &w)?);
+            assert!(kept.planes.is_none());
+            let patches = kept.patches.expect("the batch-wide path keeps its im2col");
+            let reused = backward(&g, &x, &w, &dy, InputGradient::New, Some(&patches))?;
+            let rebuilt = backward(&g, &x, &w, &dy, InputGradient::New, None)?;
+            assert_eq!(reused, rebuilt);
+            // The weight gradient really comes from the kept matrix: another input's gives
+            // another gradient.
+            let other = forward_for_training(&g, &other_x, &w)?
+                .patches
+                .expect("kept");
+            let (_, from_other) = backward(&g, &x, &w, &dy, InputGradient::Skip, Some(&other))?;
+            assert_ne!(from_other, rebuilt.1);
+
+            // The per-image and tap paths keep none (they build no batch-wide matrix).
+            let per_image = ConvGeometry::new(&[2, 4, 16, 16], &[5, 4, 3, 3], 1, 1)?;
+            let x = values(&[2, 4, 16, 16])?;
+            let w = values(&[5, 4, 3, 3])?;
+            assert!(forward_for_training(&per_image, &x, &w)?.patches.is_none());
+            let taps = ConvGeometry::new(&[16, 3, 4, 4], &[4, 3, 3, 3], 1, 1)?;
+            let x = values(&[16, 3, 4, 4])?;
+            let w = values(&[4, 3, 3, 3])?;
+            assert!(forward_for_training(&taps, &x, &w)?.patches.is_none());
+            Ok(())
+        })
     }
 
     #[test]

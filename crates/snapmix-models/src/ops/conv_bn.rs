@@ -8,7 +8,7 @@ use super::add_relu::add_relu;
 use super::batch_norm::{self, batch_norm_train, BackwardInputs, BatchStats, BnDims};
 use super::bn_add_relu::batch_norm_add_relu_train;
 use super::conv2d::{self as conv, conv2d, ConvGeometry, InputGradient};
-use super::cpu::{cpu_tensor, storage_f32, with_tensor_f32};
+use super::cpu::{cpu_tensor, storage_f32, with_tensor_f32, Scratch};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -243,6 +243,8 @@ fn conv_batch_norm(
 struct ForwardState {
     conv_out: Vec<f32>,
     stats: BatchStats,
+    /// The conv's batch-wide im2col matrix, reused by its weight gradient.
+    patches: Option<Scratch>,
 }
 
 /// The fused op on `(x, weight, [gamma; beta])`.
@@ -278,7 +280,11 @@ impl CustomOp3 for ConvBatchNormOp {
         let weight = storage_f32(weight, w_layout, "conv_batch_norm_train weight")?;
         let gamma_beta = storage_f32(gamma_beta, gb_layout, "conv_batch_norm_train gamma/beta")?;
         let (gamma, beta) = gamma_beta.split_at(self.dims.channels());
-        let (conv_out, planes) = conv::forward_with_plane_moments(&self.geometry, x, weight)?;
+        let conv::TrainingForward {
+            out: conv_out,
+            planes,
+            patches,
+        } = conv::forward_for_training(&self.geometry, x, weight)?;
         let stats = match planes {
             Some(planes) => batch_norm::channel_stats_from_planes(&self.dims, &planes, self.eps)?,
             None => batch_norm::channel_stats(&self.dims, &conv_out, self.eps),
@@ -296,7 +302,12 @@ impl CustomOp3 for ConvBatchNormOp {
             }
             None => normalise(None),
         };
-        if self.state.set(ForwardState { conv_out, stats }).is_err() {
+        let state = ForwardState {
+            conv_out,
+            stats,
+            patches,
+        };
+        if self.state.set(state).is_err() {
             bail!("conv_batch_norm_train: an op instance ran its forward pass twice");
         }
         Ok((CpuStorage::F32(out), self.geometry.out_shape()))
@@ -355,7 +366,15 @@ impl CustomOp3 for ConvBatchNormOp {
         };
         let (grad_x, grad_w) = with_tensor_f32(x, "conv_batch_norm_train input", |x| {
             with_tensor_f32(weight, "conv_batch_norm_train weight", |weight| {
-                conv::backward(&self.geometry, x, weight, &grad_conv_out, input_grad)
+                let patches = state.patches.as_deref();
+                conv::backward(
+                    &self.geometry,
+                    x,
+                    weight,
+                    &grad_conv_out,
+                    input_grad,
+                    patches,
+                )
             })
         })?;
         if let Some((_, link)) = &self.shortcut {
