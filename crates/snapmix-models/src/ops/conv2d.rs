@@ -362,8 +362,9 @@ pub(super) struct TrainingForward {
     /// computed while the image's output is in cache, they spare the batch norm that follows a
     /// pass over the whole output.
     pub(super) planes: Option<Vec<PlaneMoments>>,
-    /// The im2col matrix of the batch-wide path, for [`backward`]'s weight gradient, which
-    /// would otherwise build it again (layer3 and layer4 of ResNet at 112x112).
+    /// The input as the batch-wide paths' weight gradient reads it, which [`backward`] would
+    /// otherwise build again: the im2col matrix, or the tap GEMMs' pixel-major copy (layer3 and
+    /// layer4 of ResNet at 112x112).
     pub(super) patches: Option<Scratch>,
 }
 
@@ -375,15 +376,14 @@ pub(super) fn forward_for_training(
 ) -> Result<TrainingForward> {
     if !g.runs_per_image() {
         let (out, patches) = if taps::applies(g) {
-            (taps::forward(g, x, weight)?, None)
+            taps::forward_keeping_input(g, x, weight)?
         } else {
-            let (out, patches) = forward_batch_wide(g, x, weight)?;
-            (out, Some(patches))
+            forward_batch_wide(g, x, weight)?
         };
         return Ok(TrainingForward {
             out,
             planes: None,
-            patches,
+            patches: Some(patches),
         });
     }
     let p = g.out_pixels();
@@ -504,8 +504,8 @@ impl InputGradient {
 }
 
 /// Backward: grad_w = dY [O, N*P] * col^T, and (if wanted) grad_x = col2im(W^T * dY).
-/// `patches`: the batch-wide path's im2col matrix of `x` from [`forward_for_training`], if
-/// kept (else, or on the other paths, it is built here as needed).
+/// `patches`: the batch-wide paths' copy of `x` from [`forward_for_training`], if kept (else,
+/// or on the per-image path, what the weight gradient reads is built here).
 pub(super) fn backward(
     g: &ConvGeometry,
     x: &[f32],
@@ -523,7 +523,7 @@ pub(super) fn backward(
         let target = grad_x
             .as_mut()
             .map(|(buffer, add)| (buffer.as_mut_slice(), *add));
-        let grad_w = taps::backward(g, x, weight, grad_out, target)?;
+        let grad_w = taps::backward(g, x, weight, grad_out, target, patches)?;
         return Ok((grad_x.map(|(buffer, _)| buffer), grad_w));
     }
     let (k, np) = (g.patch_len(), g.batch * g.out_pixels());
@@ -1086,7 +1086,7 @@ mod tests {
     }
 
     #[test]
-    fn the_batch_wide_weight_gradient_reuses_the_forward_im2col() -> Result<()> {
+    fn batch_wide_weight_gradients_reuse_the_forwards_copy_of_the_input() -> Result<()> {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let mut values = |dims: &[usize]| -> Result<Vec<f32>> {
             random(&mut rng, dims, 0.0)?.flatten_all()?.to_vec1::<f32>()
@@ -1111,15 +1111,27 @@ mod tests {
             let (_, from_other) = backward(&g, &x, &w, &dy, InputGradient::Skip, Some(&other))?;
             assert_ne!(from_other, rebuilt.1);
 
-            // The per-image and tap paths keep none (they build no batch-wide matrix).
+            // The tap GEMMs keep their pixel-major copy of the input, reused the same way.
+            let taps = ConvGeometry::new(&[16, 3, 4, 4], &[4, 3, 3, 3], 1, 1)?;
+            let (x, other_x) = (values(&[16, 3, 4, 4])?, values(&[16, 3, 4, 4])?);
+            let (w, dy) = (values(&[4, 3, 3, 3])?, values(&[16, 4, 4, 4])?);
+            let kept = forward_for_training(&taps, &x, &w)?;
+            assert_eq!(kept.out, forward(&taps, &x, &w)?);
+            let pixel_major = kept.patches.expect("the tap path keeps its input copy");
+            let reused = backward(&taps, &x, &w, &dy, InputGradient::New, Some(&pixel_major))?;
+            let rebuilt = backward(&taps, &x, &w, &dy, InputGradient::New, None)?;
+            assert_eq!(reused, rebuilt);
+            let other = forward_for_training(&taps, &other_x, &w)?
+                .patches
+                .expect("kept");
+            let (_, from_other) = backward(&taps, &x, &w, &dy, InputGradient::Skip, Some(&other))?;
+            assert_ne!(from_other, rebuilt.1);
+
+            // The per-image path keeps none (it builds no batch-wide copy).
             let per_image = ConvGeometry::new(&[2, 4, 16, 16], &[5, 4, 3, 3], 1, 1)?;
             let x = values(&[2, 4, 16, 16])?;
             let w = values(&[5, 4, 3, 3])?;
             assert!(forward_for_training(&per_image, &x, &w)?.patches.is_none());
-            let taps = ConvGeometry::new(&[16, 3, 4, 4], &[4, 3, 3, 3], 1, 1)?;
-            let x = values(&[16, 3, 4, 4])?;
-            let w = values(&[4, 3, 3, 3])?;
-            assert!(forward_for_training(&taps, &x, &w)?.patches.is_none());
             Ok(())
         })
     }

@@ -154,30 +154,38 @@ const FORWARD_ROWS_PER_TASK: usize = 64;
 
 /// Forward: `out[:, output run] += W_tap [O, C] * x[:, input run]` over every run.
 pub(super) fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
+    Ok(forward_keeping_input(g, x, weight)?.0)
+}
+
+/// [`forward`], also returning the input in the pixel-major layout `[C, P * N]` that
+/// [`backward`]'s weight gradient reads.
+pub(super) fn forward_keeping_input(
+    g: &ConvGeometry,
+    x: &[f32],
+    weight: &[f32],
+) -> Result<(Vec<f32>, Scratch)> {
     let (in_len, out_len) = (g.image_pixels() * g.batch, g.out_pixels() * g.batch);
     let x_pm = to_pixel_major(x, g.batch, g.in_channels, g.image_pixels());
-    let x_pm = MatRef::row_major(&x_pm, g.in_channels, in_len);
     let runs = runs(g);
     let mut out_pm = Scratch::take(g.out_channels * out_len);
     let weight = |tap| tap_weight(g, weight, tap);
     let out = (&mut out_pm[..], out_len);
-    sum_over_runs(&runs, false, weight, x_pm, out, FORWARD_ROWS_PER_TASK)?;
-    Ok(from_pixel_major(
-        &out_pm,
-        g.batch,
-        g.out_channels,
-        g.out_pixels(),
-    ))
+    let input = MatRef::row_major(&x_pm, g.in_channels, in_len);
+    sum_over_runs(&runs, false, weight, input, out, FORWARD_ROWS_PER_TASK)?;
+    let out = from_pixel_major(&out_pm, g.batch, g.out_channels, g.out_pixels());
+    Ok((out, x_pm))
 }
 
 /// Backward: `grad_W_tap += dY[:, output run] x[:, input run]^T` over every run, and (for
 /// `Some(grad_x)`, added to it when `accumulate`) `dX[:, input run] += W_tap^T dY[:, output run]`.
+/// `x_pm`: the pixel-major input from [`forward_keeping_input`], if kept (else built here).
 pub(super) fn backward(
     g: &ConvGeometry,
     x: &[f32],
     weight: &[f32],
     grad_out: &[f32],
     grad_x: Option<(&mut [f32], bool)>,
+    x_pm: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
     let (c, o, taps) = (g.in_channels, g.out_channels, g.kernel_rows * g.kernel_cols);
     let (in_len, out_len) = (g.image_pixels() * g.batch, g.out_pixels() * g.batch);
@@ -186,8 +194,15 @@ pub(super) fn backward(
     let dy_pm = MatRef::row_major(&dy_pm, o, out_len);
 
     let grad_w = {
-        let x_pm = to_pixel_major(x, g.batch, c, g.image_pixels());
-        let x_pm = MatRef::row_major(&x_pm, c, in_len);
+        let built;
+        let x_pm = match x_pm {
+            Some(kept) if kept.len() == c * in_len => kept,
+            _ => {
+                built = to_pixel_major(x, g.batch, c, g.image_pixels());
+                &built[..]
+            }
+        };
+        let x_pm = MatRef::row_major(x_pm, c, in_len);
         // Per output channel, tap-major `[taps, C]` (each tap's block has unit column stride),
         // reordered to OIHW's `[C, taps]` by the task that computed it.
         let task_rows = rows_per_thread(o);
