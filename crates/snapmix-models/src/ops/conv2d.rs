@@ -257,14 +257,15 @@ pub(super) fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec
     if g.runs_per_image() {
         return forward_per_image(g, x, weight);
     }
-    if taps::applies(g) {
-        return taps::forward(g, x, weight);
-    }
     Ok(forward_batch_wide(g, x, weight)?.0)
 }
 
-/// The batch-wide path of [`forward`]: the output and the im2col matrix it multiplied.
+/// The batch-wide paths of [`forward`] (tap GEMMs, else one im2col GEMM): the output and the
+/// copy of the input it multiplied (pixel-major or im2col).
 fn forward_batch_wide(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<(Vec<f32>, Scratch)> {
+    if taps::applies(g) {
+        return taps::forward(g, x, weight);
+    }
     let (k, np) = (g.patch_len(), g.batch * g.out_pixels());
     let mut col = Scratch::take(k * np);
     im2col(g, x, &mut col);
@@ -375,11 +376,7 @@ pub(super) fn forward_for_training(
     weight: &[f32],
 ) -> Result<TrainingForward> {
     if !g.runs_per_image() {
-        let (out, patches) = if taps::applies(g) {
-            taps::forward_keeping_input(g, x, weight)?
-        } else {
-            forward_batch_wide(g, x, weight)?
-        };
+        let (out, patches) = forward_batch_wide(g, x, weight)?;
         return Ok(TrainingForward {
             out,
             planes: None,

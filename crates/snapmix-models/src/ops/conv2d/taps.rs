@@ -152,18 +152,9 @@ fn rows_per_thread(rows: usize) -> usize {
 /// small maps, 64-row GEMMs beat one task per thread by up to 1.6x (2x2 maps, 512 channels).
 const FORWARD_ROWS_PER_TASK: usize = 64;
 
-/// Forward: `out[:, output run] += W_tap [O, C] * x[:, input run]` over every run.
-pub(super) fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
-    Ok(forward_keeping_input(g, x, weight)?.0)
-}
-
-/// [`forward`], also returning the input in the pixel-major layout `[C, P * N]` that
-/// [`backward`]'s weight gradient reads.
-pub(super) fn forward_keeping_input(
-    g: &ConvGeometry,
-    x: &[f32],
-    weight: &[f32],
-) -> Result<(Vec<f32>, Scratch)> {
+/// Forward: `out[:, output run] += W_tap [O, C] * x[:, input run]` over every run; also returns
+/// the input in the pixel-major layout `[C, P * N]` that [`backward`]'s weight gradient reads.
+pub(super) fn forward(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<(Vec<f32>, Scratch)> {
     let (in_len, out_len) = (g.image_pixels() * g.batch, g.out_pixels() * g.batch);
     let x_pm = to_pixel_major(x, g.batch, g.in_channels, g.image_pixels());
     let runs = runs(g);
@@ -178,7 +169,7 @@ pub(super) fn forward_keeping_input(
 
 /// Backward: `grad_W_tap += dY[:, output run] x[:, input run]^T` over every run, and (for
 /// `Some(grad_x)`, added to it when `accumulate`) `dX[:, input run] += W_tap^T dY[:, output run]`.
-/// `x_pm`: the pixel-major input from [`forward_keeping_input`], if kept (else built here).
+/// `x_pm`: the pixel-major input from [`forward`], if kept (else built here).
 pub(super) fn backward(
     g: &ConvGeometry,
     x: &[f32],
