@@ -1088,46 +1088,41 @@ mod tests {
         let mut values = |dims: &[usize]| -> Result<Vec<f32>> {
             random(&mut rng, dims, 0.0)?.flatten_all()?.to_vec1::<f32>()
         };
-        on_two_threads(|| {
-            // A strided conv on a 7x7 output map: the batch-wide im2col path.
-            let g = ConvGeometry::new(&[4, 6, 13, 13], &[5, 6, 3, 3], 2, 1)?;
-            let (x, other_x) = (values(&[4, 6, 13, 13])?, values(&[4, 6, 13, 13])?);
-            let (w, dy) = (values(&[5, 6, 3, 3])?, values(&[4, 5, 7, 7])?);
+        // The kept copy gives the same gradients as one built again, and the weight gradient
+        // really comes from it: another input's copy gives another gradient.
+        let mut check_reuse = |x_dims: [usize; 4], w_dims: [usize; 4], stride| -> Result<()> {
+            let g = ConvGeometry::new(&x_dims, &w_dims, stride, 1)?;
+            let (x, other_x) = (values(&x_dims)?, values(&x_dims)?);
+            let w = values(&w_dims)?;
+            let dy = values(&[x_dims[0], w_dims[0], g.out_rows, g.out_cols])?;
             let kept = forward_for_training(&g, &x, &w)?;
             assert_eq!(kept.out, forward(&g, &x, &w)?);
             assert!(kept.planes.is_none());
-            let patches = kept.patches.expect("the batch-wide path keeps its im2col");
-            let reused = backward(&g, &x, &w, &dy, InputGradient::New, Some(&patches))?;
+            let copy = kept
+                .patches
+                .expect("a batch-wide path keeps its copy of the input");
+            let reused = backward(&g, &x, &w, &dy, InputGradient::New, Some(&copy))?;
             let rebuilt = backward(&g, &x, &w, &dy, InputGradient::New, None)?;
             assert_eq!(reused, rebuilt);
-            // The weight gradient really comes from the kept matrix: another input's gives
-            // another gradient.
-            let other = forward_for_training(&g, &other_x, &w)?
-                .patches
-                .expect("kept");
+            let other = forward_for_training(&g, &other_x, &w)?.patches;
+            let other = other.expect("kept");
             let (_, from_other) = backward(&g, &x, &w, &dy, InputGradient::Skip, Some(&other))?;
             assert_ne!(from_other, rebuilt.1);
+            Ok(())
+        };
+        on_two_threads(|| {
+            // A strided conv on a 7x7 output map: the im2col path.
+            check_reuse([4, 6, 13, 13], [5, 6, 3, 3], 2)?;
+            // Tap GEMMs (stride 1, 16 images of 4x4): their pixel-major copy.
+            check_reuse([16, 3, 4, 4], [4, 3, 3, 3], 1)?;
+            Ok::<_, candle_core::Error>(())
+        })?;
 
-            // The tap GEMMs keep their pixel-major copy of the input, reused the same way.
-            let taps = ConvGeometry::new(&[16, 3, 4, 4], &[4, 3, 3, 3], 1, 1)?;
-            let (x, other_x) = (values(&[16, 3, 4, 4])?, values(&[16, 3, 4, 4])?);
-            let (w, dy) = (values(&[4, 3, 3, 3])?, values(&[16, 4, 4, 4])?);
-            let kept = forward_for_training(&taps, &x, &w)?;
-            assert_eq!(kept.out, forward(&taps, &x, &w)?);
-            let pixel_major = kept.patches.expect("the tap path keeps its input copy");
-            let reused = backward(&taps, &x, &w, &dy, InputGradient::New, Some(&pixel_major))?;
-            let rebuilt = backward(&taps, &x, &w, &dy, InputGradient::New, None)?;
-            assert_eq!(reused, rebuilt);
-            let other = forward_for_training(&taps, &other_x, &w)?
-                .patches
-                .expect("kept");
-            let (_, from_other) = backward(&taps, &x, &w, &dy, InputGradient::Skip, Some(&other))?;
-            assert_ne!(from_other, rebuilt.1);
-
-            // The per-image path keeps none (it builds no batch-wide copy).
-            let per_image = ConvGeometry::new(&[2, 4, 16, 16], &[5, 4, 3, 3], 1, 1)?;
-            let x = values(&[2, 4, 16, 16])?;
-            let w = values(&[5, 4, 3, 3])?;
+        // The per-image path keeps none (it builds no batch-wide copy).
+        let per_image = ConvGeometry::new(&[2, 4, 16, 16], &[5, 4, 3, 3], 1, 1)?;
+        let x = values(&[2, 4, 16, 16])?;
+        let w = values(&[5, 4, 3, 3])?;
+        on_two_threads(|| -> Result<()> {
             assert!(forward_for_training(&per_image, &x, &w)?.patches.is_none());
             Ok(())
         })
