@@ -324,7 +324,7 @@ fn forward_images<R: Send>(
     then: impl Fn(&[f32]) -> R + Sync,
 ) -> Result<Vec<R>> {
     if direct::applies(g) {
-        return direct::forward_images(g, x, weight, out, then);
+        return Ok(direct::forward_images(g, x, weight, out, then));
     }
     let (o, p, group) = (g.out_channels, g.out_pixels(), g.images_per_gemm());
     let weight = MatRef::row_major(weight, o, g.patch_len());

@@ -243,7 +243,8 @@ fn conv_batch_norm(
 struct ForwardState {
     conv_out: Vec<f32>,
     stats: BatchStats,
-    /// The conv's batch-wide im2col matrix, reused by its weight gradient.
+    /// The conv's batch-wide copy of its input (im2col or pixel-major), reused by its weight
+    /// gradient.
     patches: Option<Scratch>,
 }
 

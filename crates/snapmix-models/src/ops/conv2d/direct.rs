@@ -9,7 +9,6 @@
 
 use super::super::cpu::Scratch;
 use super::ConvGeometry;
-use candle_core::Result;
 use rayon::prelude::*;
 
 /// Output channels per micro-kernel call (their weights broadcast).
@@ -46,17 +45,16 @@ pub(super) fn forward_images<R: Send>(
     weight: &[f32],
     out: &mut [f32],
     then: impl Fn(&[f32]) -> R + Sync,
-) -> Result<Vec<R>> {
+) -> Vec<R> {
     let packed = PackedWeights::forward(weight, g.out_channels, g.in_channels);
     let image_len = g.in_channels * g.image_pixels();
-    Ok(out
-        .par_chunks_mut(g.out_channels * g.out_pixels())
+    out.par_chunks_mut(g.out_channels * g.out_pixels())
         .zip(x.par_chunks(image_len))
         .map(|(out, image)| {
             convolve_image(Kernel::best(), g.rows, g.cols, image, &packed, out, false);
             then(out)
         })
-        .collect())
+        .collect()
 }
 
 /// The input gradient, written into `grad_x` or added to it (`accumulate`): each image's output
@@ -453,6 +451,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Result;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
