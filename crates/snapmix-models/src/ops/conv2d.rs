@@ -3,7 +3,7 @@
 
 use super::batch_norm::PlaneMoments;
 use super::cpu::{
-    add_assign, cpu_tensor, matmul, matmul_serial, min_planes_per_task, storage_f32,
+    add_assign, cpu_tensor, filled, matmul, matmul_serial, min_planes_per_task, storage_f32,
     transposed_sum, with_tensor_f32, MatRef, Scratch,
 };
 use candle_core::{bail, CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
@@ -308,7 +308,7 @@ fn patches_scratch(g: &ConvGeometry, count: usize) -> Scratch {
 /// Forward, per image: out[n] [O, P] = W [O, C*KH*KW] * col[n] [C*KH*KW, P] (a GEMM per
 /// image or small group of images).
 fn forward_per_image(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
-    let mut out = vec![0.0; g.batch * g.out_channels * g.out_pixels()];
+    let mut out = filled(g.batch * g.out_channels * g.out_pixels(), 0.0);
     forward_images(g, x, weight, &mut out, |_| ())?;
     Ok(out)
 }
@@ -384,7 +384,7 @@ pub(super) fn forward_for_training(
         });
     }
     let p = g.out_pixels();
-    let mut out = vec![0.0; g.batch * g.out_channels * p];
+    let mut out = filled(g.batch * g.out_channels * p, 0.0);
     let per_image = forward_images(g, x, weight, &mut out, |image_out| {
         image_out
             .chunks_exact(p)
@@ -490,7 +490,7 @@ impl InputGradient {
     fn buffer(self, len: usize) -> Result<Option<(Vec<f32>, bool)>> {
         Ok(match self {
             Self::Skip => None,
-            Self::New => Some((vec![0.0; len], false)),
+            Self::New => Some((filled(len, 0.0), false)),
             Self::AddTo(buffer) if buffer.len() == len => Some((buffer, true)),
             Self::AddTo(buffer) => bail!(
                 "conv2d backward: {} values to add the input gradient to, for an input of {len}",
@@ -581,7 +581,7 @@ fn weight_gradient(grad_cm: MatRef, col: MatRef) -> Result<Vec<f32>> {
     let (out_channels, patch_len, pixels) = (grad_cm.rows(), col.rows(), col.cols());
     let layout = WeightGradient::new(out_channels, patch_len, pixels);
     if pixels < 2 * PIXELS_PER_PARTIAL {
-        let mut grad_w = vec![0.0; out_channels * patch_len];
+        let mut grad_w = filled(out_channels * patch_len, 0.0);
         layout.add_parallel(&mut grad_w, grad_cm, col)?;
         return layout.into_oihw(grad_w);
     }

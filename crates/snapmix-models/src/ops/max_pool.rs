@@ -6,6 +6,7 @@
 //! padding acting as -inf). Other devices use an exact composition of candle ops (window stack
 //! -> argmax -> gather) with the same semantics.
 
+use super::cpu::filled;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
@@ -330,8 +331,8 @@ fn pool_forward<T: WithDType>(
         bail!("max_pool2d: planes of {plane_in} pixels are too large");
     }
     let plane_out = geometry.out_rows * geometry.out_cols;
-    let mut output = vec![T::zero(); planes * plane_out];
-    let mut argmax = vec![0u32; planes * plane_out];
+    let mut output = filled(planes * plane_out, T::zero());
+    let mut argmax = filled(planes * plane_out, 0u32);
     output
         .par_chunks_mut(plane_out.max(1))
         .zip(argmax.par_chunks_mut(plane_out.max(1)))
@@ -424,7 +425,7 @@ fn scatter_to_argmax(input: &Tensor, grad_out: &Tensor, argmax: &[u32]) -> Resul
         planes: usize,
         (plane_in, plane_out): (usize, usize),
     ) -> Vec<T> {
-        let mut grad_in = vec![T::zero(); planes * plane_in];
+        let mut grad_in = filled(planes * plane_in, T::zero());
         grad_in
             .par_chunks_mut(plane_in.max(1))
             .zip(grad_out.par_chunks(plane_out.max(1)))
