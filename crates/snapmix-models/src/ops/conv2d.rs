@@ -323,7 +323,7 @@ fn forward_images<R: Send>(
     out: &mut [f32],
     then: impl Fn(&[f32]) -> R + Sync,
 ) -> Result<Vec<R>> {
-    if direct::applies(g) {
+    if direct::applies_forward(g) {
         return Ok(direct::forward_images(g, x, weight, out, then));
     }
     let (o, p, group) = (g.out_channels, g.out_pixels(), g.images_per_gemm());
@@ -432,7 +432,7 @@ fn backward_per_image(
         Some(buffer) => buffer,
         None => return Ok((None, grad_w)),
     };
-    if direct::applies(g) {
+    if direct::applies_input_gradient(g) {
         direct::input_gradient(g, weight, grad_out, &mut grad_x, accumulate);
         return Ok((Some(grad_x), grad_w));
     }
@@ -1016,7 +1016,7 @@ mod tests {
             check([2, 4, 16, 8], [7, 4, 1, 1], 1, 0)?; // 1x1, one partial
             check([5, 4, 12, 12], [6, 4, 3, 3], 1, 1)?; // 3x3, partials of 4 + 1
             check([2, 4, 30, 28], [5, 4, 3, 3], 2, 1)?; // strided 3x3
-            check([2, 3, 34, 30], [4, 3, 7, 7], 2, 3)?; // stem
+            check([2, 3, 34, 30], [4, 3, 7, 7], 2, 3)?; // stem (direct forward with AVX-512)
 
             // Direct 3x3 convs (stride 1, at least 14 columns; with AVX-512): channel blocks
             // 12 + 4 forward and 8 (5 rounded up) for the input gradient, and 12 + 12.
