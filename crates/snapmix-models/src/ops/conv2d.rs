@@ -1015,7 +1015,7 @@ mod tests {
             check([9, 6, 12, 11], [5, 6, 1, 1], 1, 0)?; // 1x1, partials of 4 + 4 + 1
             check([2, 4, 16, 8], [7, 4, 1, 1], 1, 0)?; // 1x1, one partial
             check([5, 4, 12, 12], [6, 4, 3, 3], 1, 1)?; // 3x3, partials of 4 + 1
-            check([2, 4, 30, 28], [5, 4, 3, 3], 2, 1)?; // strided 3x3
+            check([2, 4, 30, 28], [5, 4, 3, 3], 2, 1)?; // strided 3x3 (direct forward too)
             check([2, 3, 34, 30], [4, 3, 7, 7], 2, 3)?; // stem (direct forward with AVX-512)
 
             // Direct 3x3 convs (stride 1, at least 14 columns; with AVX-512): channel blocks
