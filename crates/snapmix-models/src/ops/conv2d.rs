@@ -3,8 +3,8 @@
 
 use super::batch_norm::PlaneMoments;
 use super::cpu::{
-    add_assign, cpu_tensor, filled, matmul, matmul_serial, min_planes_per_task, storage_f32,
-    transposed_sum, with_tensor_f32, MatRef, Scratch,
+    add_assign, build_in_chunks, cpu_tensor, filled, matmul, matmul_serial, min_planes_per_task,
+    storage_f32, transposed_sum, with_tensor_f32, MatRef, Scratch,
 };
 use candle_core::{bail, CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -308,52 +308,47 @@ fn patches_scratch(g: &ConvGeometry, count: usize) -> Scratch {
 /// Forward, per image: out[n] [O, P] = W [O, C*KH*KW] * col[n] [C*KH*KW, P] (a GEMM per
 /// image or small group of images).
 fn forward_per_image(g: &ConvGeometry, x: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
-    let mut out = filled(g.batch * g.out_channels * g.out_pixels(), 0.0);
-    forward_images(g, x, weight, &mut out, |_| ())?;
-    Ok(out)
+    Ok(forward_images(g, x, weight, |_| ())?.0)
 }
 
-/// [`forward_per_image`] into `out` (one GEMM per group of [`ConvGeometry::images_per_gemm`]
-/// images), applying `then` to each image's output `[O, P]` while it is still in the core's
-/// cache; its results in image order.
+/// [`forward_per_image`] (one GEMM per group of [`ConvGeometry::images_per_gemm`] images),
+/// applying `then` to each image's output `[O, P]` while it is still in the core's cache; the
+/// output and `then`'s results in image order.
 fn forward_images<R: Send>(
     g: &ConvGeometry,
     x: &[f32],
     weight: &[f32],
-    out: &mut [f32],
     then: impl Fn(&[f32]) -> R + Sync,
-) -> Result<Vec<R>> {
+) -> Result<(Vec<f32>, Vec<R>)> {
     if direct::applies_forward(g) {
-        return Ok(direct::forward_images(g, x, weight, out, then));
+        return direct::forward_images(g, x, weight, then);
     }
     let (o, p, group) = (g.out_channels, g.out_pixels(), g.images_per_gemm());
+    let image_len = g.in_channels * g.image_pixels();
     let weight = MatRef::row_major(weight, o, g.patch_len());
-    let per_group = out
-        .par_chunks_mut(group * o * p)
-        .zip(x.par_chunks(group * g.in_channels * g.image_pixels()))
-        .map(|(out, images)| {
-            let count = out.len() / (o * p);
-            let mut scratch = patches_scratch(g, count);
-            let patches = image_patches(g, images, count, &mut scratch);
-            if count == 1 {
-                matmul_serial(out, false, weight, patches)?;
-            } else {
-                // [O, count*P] -> count images of [O, P].
-                let mut product = Scratch::take(o * count * p);
-                matmul_serial(&mut product, false, weight, patches)?;
-                for (n, image_out) in out.chunks_exact_mut(o * p).enumerate() {
-                    for (dst, row) in image_out
-                        .chunks_exact_mut(p)
-                        .zip(product.chunks_exact(count * p))
-                    {
-                        dst.copy_from_slice(&row[n * p..][..p]);
-                    }
+    let (out, per_group) = build_in_chunks(g.batch * o * p, group * o * p, |index, out| {
+        let count = out.len() / (o * p);
+        let images = &x[index * group * image_len..][..count * image_len];
+        let mut scratch = patches_scratch(g, count);
+        let patches = image_patches(g, images, count, &mut scratch);
+        if count == 1 {
+            matmul_serial(out, false, weight, patches)?;
+        } else {
+            // [O, count*P] -> count images of [O, P].
+            let mut product = Scratch::take(o * count * p);
+            matmul_serial(&mut product, false, weight, patches)?;
+            for (n, image_out) in out.chunks_exact_mut(o * p).enumerate() {
+                for (dst, row) in image_out
+                    .chunks_exact_mut(p)
+                    .zip(product.chunks_exact(count * p))
+                {
+                    dst.copy_from_slice(&row[n * p..][..p]);
                 }
             }
-            Ok(out.chunks_exact(o * p).map(&then).collect::<Vec<R>>())
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(per_group.into_iter().flatten().collect())
+        }
+        Ok(out.chunks_exact(o * p).map(&then).collect::<Vec<R>>())
+    })?;
+    Ok((out, per_group.into_iter().flatten().collect()))
 }
 
 /// A training forward pass: the output and what its backward pass can reuse.
@@ -384,8 +379,7 @@ pub(super) fn forward_for_training(
         });
     }
     let p = g.out_pixels();
-    let mut out = filled(g.batch * g.out_channels * p, 0.0);
-    let per_image = forward_images(g, x, weight, &mut out, |image_out| {
+    let (out, per_image) = forward_images(g, x, weight, |image_out| {
         image_out
             .chunks_exact(p)
             .map(PlaneMoments::of)

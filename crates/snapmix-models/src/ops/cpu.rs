@@ -118,6 +118,31 @@ pub(crate) fn filled<T: Copy + Send + Sync>(len: usize, value: T) -> Vec<T> {
     values
 }
 
+/// A new `len`-long vector written on all threads in `chunk`-long chunks by `fill(index,
+/// chunk)`, each chunk zeroed just before by the task that fills it (in that core's cache: no
+/// pass over the whole buffer first), and `fill`'s results in chunk order.
+pub(crate) fn build_in_chunks<R: Send>(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [f32]) -> Result<R> + Sync,
+) -> Result<(Vec<f32>, Vec<R>)> {
+    let mut values = Vec::with_capacity(len);
+    let results = values.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .map(|(index, chunk)| {
+            chunk.fill(MaybeUninit::new(0.0));
+            // SAFETY: every value of `chunk` was initialised just above.
+            let chunk = unsafe { &mut *(chunk as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            fill(index, chunk)
+        })
+        .collect::<Result<Vec<R>>>()?;
+    // SAFETY: `collect` returned Ok, so it ran every chunk of the first `len` values, each
+    // initialised above.
+    unsafe { values.set_len(len) };
+    Ok((values, results))
+}
+
 /// Image planes (one channel of one image, `pixels` values) per rayon task in the elementwise
 /// passes: small feature maps (2x2 in layer4 at low resolution) would otherwise make one task
 /// per handful of values.
@@ -621,5 +646,24 @@ mod tests {
             assert!(values.iter().all(|&v| v == 2.5));
         }
         assert_eq!(filled(3, 7u32), vec![7, 7, 7]);
+    }
+
+    #[test]
+    fn vectors_built_in_chunks_hand_each_chunk_zeroed_and_keep_the_results_in_order() -> Result<()>
+    {
+        let (values, firsts) = build_in_chunks(10, 4, |index, chunk| {
+            assert!(chunk.iter().all(|&v| v == 0.0));
+            chunk[0] = index as f32 + 1.0;
+            Ok((index, chunk.len()))
+        })?;
+        assert_eq!(values, [1.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, 0.0]);
+        assert_eq!(firsts, [(0, 4), (1, 4), (2, 2)]);
+        assert!(build_in_chunks(0, 4, |_, _| Ok(()))?.0.is_empty());
+        let failing = build_in_chunks(8, 2, |index, _| match index {
+            2 => candle_core::bail!("chunk {index}"),
+            _ => Ok(()),
+        });
+        assert!(failing.is_err());
+        Ok(())
     }
 }

@@ -11,8 +11,9 @@
 //! micro-kernel where the CPU has one, a portable one otherwise (for tests: [`applies_forward`]
 //! and [`applies_input_gradient`] take this path only with AVX-512).
 
-use super::super::cpu::Scratch;
+use super::super::cpu::{build_in_chunks, Scratch};
 use super::ConvGeometry;
+use candle_core::Result;
 use rayon::prelude::*;
 
 /// Output channels per micro-kernel call (their weights broadcast).
@@ -53,25 +54,23 @@ pub(super) fn applies_forward(g: &ConvGeometry) -> bool {
         && Kernel::best() != Kernel::Portable
 }
 
-/// Forward into `out` (NCHW) one image at a time, applying `then` to each image's output
-/// `[O, P]` while it is in the core's cache; its results in image order.
+/// Forward one image at a time, applying `then` to each image's output `[O, P]` while it is in
+/// the core's cache; the output (NCHW) and `then`'s results in image order.
 pub(super) fn forward_images<R: Send>(
     g: &ConvGeometry,
     x: &[f32],
     weight: &[f32],
-    out: &mut [f32],
     then: impl Fn(&[f32]) -> R + Sync,
-) -> Vec<R> {
+) -> Result<(Vec<f32>, Vec<R>)> {
     let layout = FlatLayout::new(g.rows, g.cols, g.kernel_rows, g.stride);
     let packed = PackedWeights::forward(weight, g.out_channels, g.in_channels, layout.taps());
     let image_len = g.in_channels * g.image_pixels();
-    out.par_chunks_mut(g.out_channels * g.out_pixels())
-        .zip(x.par_chunks(image_len))
-        .map(|(out, image)| {
-            convolve_image(Kernel::best(), layout, image, &packed, out, false);
-            then(out)
-        })
-        .collect()
+    let out_len = g.out_channels * g.out_pixels();
+    build_in_chunks(g.batch * out_len, out_len, |n, out| {
+        let image = &x[n * image_len..][..image_len];
+        convolve_image(Kernel::best(), layout, image, &packed, out, false);
+        Ok(then(out))
+    })
 }
 
 /// The input gradient, written into `grad_x` or added to it (`accumulate`): each image's output
