@@ -422,21 +422,23 @@ fn backward_per_image(
         .collect::<Result<Vec<_>>>()?;
     let grad_w = layout.sum_as_oihw(&partials)?;
 
-    let (mut grad_x, accumulate) = match input_grad.buffer(g.batch * image_len)? {
-        Some(buffer) => buffer,
-        None => return Ok((None, grad_w)),
-    };
+    if matches!(input_grad, InputGradient::Skip) {
+        return Ok((None, grad_w));
+    }
     if direct::applies_input_gradient(g) {
-        direct::input_gradient(g, weight, grad_out, &mut grad_x, accumulate);
-        return Ok((Some(grad_x), grad_w));
+        return Ok((
+            direct::input_gradient(g, weight, grad_out, input_grad)?,
+            grad_w,
+        ));
     }
     let weight_t = MatRef::row_major(weight, o, k).t();
     let group = g.images_per_gemm();
-    grad_x
-        .par_chunks_mut(group * image_len)
-        .zip(grad_out.par_chunks(group * o * p))
-        .try_for_each(|(grad_x, grad)| {
-            let count = grad.len() / (o * p);
+    let grad_x = input_grad.write_in_chunks(
+        g.batch * image_len,
+        group * image_len,
+        |index, grad_x, accumulate| {
+            let count = grad_x.len() / image_len;
+            let grad = &grad_out[index * group * o * p..][..count * o * p];
             if g.is_pointwise() && count == 1 {
                 let grad = MatRef::row_major(grad, o, p);
                 return matmul_serial(grad_x, accumulate, weight_t, grad);
@@ -454,11 +456,12 @@ fn backward_per_image(
             let mut grad_col = Scratch::take(k * count * p);
             let grad = MatRef::row_major(&grad_cm, o, count * p);
             matmul_serial(&mut grad_col, false, weight_t, grad)?;
-            // Into the new buffer's zeros or the gradient already there alike.
+            // Into the new chunk's zeros or the gradient already there alike.
             col2im_images_add(g, &grad_col, count, grad_x);
             Ok(())
-        })?;
-    Ok((Some(grad_x), grad_w))
+        },
+    )?;
+    Ok((grad_x, grad_w))
 }
 
 /// What a backward pass does with the input gradient.
@@ -486,11 +489,40 @@ impl InputGradient {
             Self::Skip => None,
             Self::New => Some((filled(len, 0.0), false)),
             Self::AddTo(buffer) if buffer.len() == len => Some((buffer, true)),
-            Self::AddTo(buffer) => bail!(
-                "conv2d backward: {} values to add the input gradient to, for an input of {len}",
-                buffer.len()
-            ),
+            Self::AddTo(buffer) => return Self::wrong_length(&buffer, len),
         })
+    }
+
+    /// The input gradient (`len` values), or `None` to skip: `write(index, chunk, accumulate)`
+    /// writes or adds each `chunk`-long chunk on all threads, into a new buffer (each chunk
+    /// zeroed by its task, `accumulate` false) or added into the given one.
+    fn write_in_chunks(
+        self,
+        len: usize,
+        chunk: usize,
+        write: impl Fn(usize, &mut [f32], bool) -> Result<()> + Sync,
+    ) -> Result<Option<Vec<f32>>> {
+        match self {
+            Self::Skip => Ok(None),
+            Self::New => Ok(Some(
+                build_in_chunks(len, chunk, |index, chunk| write(index, chunk, false))?.0,
+            )),
+            Self::AddTo(mut buffer) if buffer.len() == len => {
+                buffer
+                    .par_chunks_mut(chunk.max(1))
+                    .enumerate()
+                    .try_for_each(|(index, chunk)| write(index, chunk, true))?;
+                Ok(Some(buffer))
+            }
+            Self::AddTo(buffer) => Self::wrong_length(&buffer, len),
+        }
+    }
+
+    fn wrong_length<T>(buffer: &[f32], len: usize) -> Result<T> {
+        bail!(
+            "conv2d backward: {} values to add the input gradient to, for an input of {len}",
+            buffer.len()
+        )
     }
 }
 
@@ -1136,6 +1168,44 @@ mod tests {
             }
             Ok(())
         })
+    }
+
+    #[test]
+    fn per_image_input_gradients_are_added_into_a_given_buffer_of_the_right_length() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let mut values = |dims: &[usize]| -> Result<Vec<f32>> {
+            random(&mut rng, dims, 0.0)?.flatten_all()?.to_vec1::<f32>()
+        };
+        // Direct (with AVX-512), strided GEMM and pointwise per-image paths.
+        for (x_dims, w_dims, stride, padding) in [
+            ([3, 5, 9, 16], [13, 5, 3, 3], 1, 1),
+            ([2, 4, 30, 28], [5, 4, 3, 3], 2, 1),
+            ([9, 6, 12, 11], [5, 6, 1, 1], 1, 0),
+        ] {
+            let g = ConvGeometry::new(&x_dims, &w_dims, stride, padding)?;
+            let (x, w) = (values(&x_dims)?, values(&w_dims)?);
+            let dy = values(&[x_dims[0], w_dims[0], g.out_rows, g.out_cols])?;
+            on_two_threads(|| {
+                assert!(g.runs_per_image());
+                let (new, grad_w) = backward(&g, &x, &w, &dy, InputGradient::New, None)?;
+                let new = new.expect("an input gradient");
+                let ones = vec![1.0; x.len()];
+                let (added, added_w) = backward(&g, &x, &w, &dy, InputGradient::AddTo(ones), None)?;
+                // The same sums, added onto 1 (col2im adds tap by tap: rounding may differ).
+                let want = (Tensor::new(new.as_slice(), &Device::Cpu)? + 1.0)?;
+                let got = Tensor::new(added.expect("an input gradient").as_slice(), &Device::Cpu)?;
+                let err = rel_err(&got, &want)?;
+                assert!(err < 1e-6, "{x_dims:?} {w_dims:?}: {err}");
+                assert_eq!(added_w, grad_w);
+                let short = InputGradient::AddTo(vec![0.0; x.len() - 1]);
+                let err = backward(&g, &x, &w, &dy, short, None)
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(&format!("{} values", x.len() - 1)), "{err}");
+                Ok::<_, candle_core::Error>(())
+            })?;
+        }
+        Ok(())
     }
 
     #[test]

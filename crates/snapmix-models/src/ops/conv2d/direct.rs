@@ -12,7 +12,7 @@
 //! and [`applies_input_gradient`] take this path only with AVX-512).
 
 use super::super::cpu::{build_in_chunks, Scratch};
-use super::ConvGeometry;
+use super::{ConvGeometry, InputGradient};
 use candle_core::Result;
 use rayon::prelude::*;
 
@@ -73,24 +73,29 @@ pub(super) fn forward_images<R: Send>(
     })
 }
 
-/// The input gradient, written into `grad_x` or added to it (`accumulate`): each image's output
-/// gradient convolved with the transposed, flipped weights.
+/// The input gradient as `target` asks for it: each image's output gradient convolved with the
+/// transposed, flipped weights.
 pub(super) fn input_gradient(
     g: &ConvGeometry,
     weight: &[f32],
     grad_out: &[f32],
-    grad_x: &mut [f32],
-    accumulate: bool,
-) {
+    target: InputGradient,
+) -> Result<Option<Vec<f32>>> {
+    if matches!(target, InputGradient::Skip) {
+        return Ok(None);
+    }
     let layout = FlatLayout::new(g.rows, g.cols, g.kernel_rows, 1);
     let packed =
         PackedWeights::input_gradient(weight, g.out_channels, g.in_channels, layout.taps());
-    grad_x
-        .par_chunks_mut(g.in_channels * g.image_pixels())
-        .zip(grad_out.par_chunks(g.out_channels * g.out_pixels()))
-        .for_each(|(grad_x, grad)| {
-            convolve_image(Kernel::best(), layout, grad, &packed, grad_x, accumulate);
-        });
+    let (image_len, out_len) = (
+        g.in_channels * g.image_pixels(),
+        g.out_channels * g.out_pixels(),
+    );
+    target.write_in_chunks(g.batch * image_len, image_len, |n, grad_x, accumulate| {
+        let grad = &grad_out[n * out_len..][..out_len];
+        convolve_image(Kernel::best(), layout, grad, &packed, grad_x, accumulate);
+        Ok(())
+    })
 }
 
 /// One image `[C, rows*cols]` convolved into `out` `[O, out_rows*out_cols]` (or added to it).
