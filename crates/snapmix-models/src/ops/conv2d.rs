@@ -3,8 +3,8 @@
 
 use super::batch_norm::PlaneMoments;
 use super::cpu::{
-    add_assign, build_in_chunks, cpu_tensor, filled, matmul, matmul_serial, min_planes_per_task,
-    storage_f32, transposed_sum, with_tensor_f32, MatRef, Scratch,
+    add_assign, build_in_chunks, cpu_tensor, filled, matmul, matmul_new, matmul_serial,
+    min_planes_per_task, storage_f32, transposed_sum, with_tensor_f32, MatRef, Scratch,
 };
 use candle_core::{bail, CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -607,9 +607,7 @@ fn weight_gradient(grad_cm: MatRef, col: MatRef) -> Result<Vec<f32>> {
     let (out_channels, patch_len, pixels) = (grad_cm.rows(), col.rows(), col.cols());
     let layout = WeightGradient::new(out_channels, patch_len, pixels);
     if pixels < 2 * PIXELS_PER_PARTIAL {
-        let mut grad_w = filled(out_channels * patch_len, 0.0);
-        layout.add_parallel(&mut grad_w, grad_cm, col)?;
-        return layout.into_oihw(grad_w);
+        return layout.into_oihw(layout.product(grad_cm, col)?);
     }
     let partials = (0..pixels.div_ceil(PIXELS_PER_PARTIAL))
         .into_par_iter()
@@ -664,16 +662,15 @@ impl WeightGradient {
         }
     }
 
-    /// `acc = dy * patches^T` in this layout, multi-threaded.
-    fn add_parallel(&self, acc: &mut [f32], dy: MatRef, patches: MatRef) -> Result<()> {
+    /// `dy * patches^T` in this layout, as a new buffer, multi-threaded.
+    fn product(&self, dy: MatRef, patches: MatRef) -> Result<Vec<f32>> {
         if self.transposed {
-            matmul(acc, false, patches, dy.t())
+            matmul_new(patches, dy.t())
         } else {
-            matmul(acc, false, dy, patches.t())
+            matmul_new(dy, patches.t())
         }
     }
 
-    /// The accumulated gradient as OIHW `[O, K]`.
     /// The gradient accumulated in `acc` as OIHW `[O, K]` (`acc` itself in the direct layout).
     fn into_oihw(self, acc: Vec<f32>) -> Result<Vec<f32>> {
         if self.transposed {

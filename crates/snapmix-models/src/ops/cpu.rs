@@ -119,21 +119,21 @@ pub(crate) fn filled<T: Copy + Send + Sync>(len: usize, value: T) -> Vec<T> {
 }
 
 /// A new `len`-long vector written on all threads in `chunk`-long chunks by `fill(index,
-/// chunk)`, each chunk zeroed just before by the task that fills it (in that core's cache: no
+/// chunk)`, each chunk zeroed (`T::default()`) just before by the task that fills it (in that core's cache: no
 /// pass over the whole buffer first), and `fill`'s results in chunk order.
-pub(crate) fn build_in_chunks<R: Send>(
+pub(crate) fn build_in_chunks<T: Copy + Default + Send + Sync, R: Send>(
     len: usize,
     chunk: usize,
-    fill: impl Fn(usize, &mut [f32]) -> Result<R> + Sync,
-) -> Result<(Vec<f32>, Vec<R>)> {
+    fill: impl Fn(usize, &mut [T]) -> Result<R> + Sync,
+) -> Result<(Vec<T>, Vec<R>)> {
     let mut values = Vec::with_capacity(len);
     let results = values.spare_capacity_mut()[..len]
         .par_chunks_mut(chunk.max(1))
         .enumerate()
         .map(|(index, chunk)| {
-            chunk.fill(MaybeUninit::new(0.0));
+            chunk.fill(MaybeUninit::new(T::default()));
             // SAFETY: every value of `chunk` was initialised just above.
-            let chunk = unsafe { &mut *(chunk as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            let chunk = unsafe { &mut *(chunk as *mut [MaybeUninit<T>] as *mut [T]) };
             fill(index, chunk)
         })
         .collect::<Result<Vec<R>>>()?;
@@ -310,6 +310,22 @@ pub(crate) fn matmul(dst: &mut [f32], accumulate: bool, lhs: MatRef, rhs: MatRef
     gemm_into(dst, rhs.cols, accumulate, lhs, rhs, true)
 }
 
+/// `lhs * rhs` as a new row-major vector, multi-threaded like [`matmul`], never zero-filled
+/// first: not accumulating, the GEMM writes every value without reading any.
+pub(crate) fn matmul_new(lhs: MatRef, rhs: MatRef) -> Result<Vec<f32>> {
+    let len = lhs.rows * rhs.cols;
+    let mut dst = Vec::with_capacity(len);
+    // SAFETY: `dst` has room for `len` values; not accumulating, `gemm_raw` writes all `len`
+    // (m rows of n, `n` apart) and reads none; on an error it wrote nothing and `dst` stays
+    // empty.
+    unsafe {
+        let out = dst.spare_capacity_mut().as_mut_ptr().cast::<f32>();
+        gemm_raw(out, len, rhs.cols, false, lhs, rhs, true)?;
+        dst.set_len(len);
+    }
+    Ok(dst)
+}
+
 /// [`matmul`] on the calling thread only, for GEMMs that are themselves tasks of a parallel loop.
 pub(crate) fn matmul_serial(
     dst: &mut [f32],
@@ -368,17 +384,45 @@ fn gemm_into(
     rhs: MatRef,
     parallel: bool,
 ) -> Result<()> {
+    // SAFETY: `dst` is an initialised buffer of `dst.len()` values.
+    unsafe {
+        gemm_raw(
+            dst.as_mut_ptr(),
+            dst.len(),
+            dst_row_stride,
+            accumulate,
+            lhs,
+            rhs,
+            parallel,
+        )
+    }
+}
+
+/// The GEMM behind [`gemm_into`] and [`matmul_new`]: checks that the operands and the
+/// `m x n` output (rows `dst_row_stride` apart) fit, then writes it, reading `dst` only when
+/// `accumulate`.
+///
+/// # Safety
+/// `dst` must be valid for writes of `dst_len` values, and initialised when `accumulate`.
+unsafe fn gemm_raw(
+    dst: *mut f32,
+    dst_len: usize,
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: MatRef,
+    rhs: MatRef,
+    parallel: bool,
+) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     let dst_fits = if dst_row_stride == n {
-        dst.len() == m * n
+        dst_len == m * n
     } else {
-        dst_row_stride >= n && (m == 0 || (m - 1) * dst_row_stride + n <= dst.len())
+        dst_row_stride >= n && (m == 0 || (m - 1) * dst_row_stride + n <= dst_len)
     };
     if rhs.rows != k || !dst_fits || !lhs.in_bounds() || !rhs.in_bounds() {
         bail!(
-            "matmul: shape mismatch ({m}x{k}) * ({}x{n}) into a buffer of {} with rows {dst_row_stride} apart",
-            rhs.rows,
-            dst.len()
+            "matmul: shape mismatch ({m}x{k}) * ({}x{n}) into a buffer of {dst_len} with rows {dst_row_stride} apart",
+            rhs.rows
         );
     }
     if m == 0 || n == 0 {
@@ -386,14 +430,15 @@ fn gemm_into(
     }
     if k == 0 {
         if !accumulate {
-            for row in dst.chunks_mut(dst_row_stride).take(m) {
-                row[..n].fill(0.0);
+            for row in 0..m {
+                // SAFETY: row `row`'s `n` values lie inside the checked output.
+                unsafe { std::ptr::write_bytes(dst.add(row * dst_row_stride), 0, n) };
             }
         }
         return Ok(());
     }
     tune_gemm_once();
-    let dst = SharedDst(dst.as_mut_ptr());
+    let dst = SharedDst(dst);
     let threads = rayon::current_num_threads();
     if !parallel || threads < 2 || m * n * k < PARALLEL_MIN_MACS {
         // SAFETY: checked above: both operands are in bounds and `dst` holds m rows of n.
@@ -575,7 +620,32 @@ mod tests {
                     "{m}x{n} [{i}]: {got} vs 1 + {want}"
                 );
             }
+            // A new product: every value written, none read.
+            let new = pool.install(|| matmul_new(lhs, rhs))?;
+            assert_eq!(new.len(), m * n);
+            for (i, (got, want)) in new.iter().zip(&expected).enumerate() {
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "new {m}x{n} [{i}]: {got} vs {want}"
+                );
+            }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn new_products_of_an_empty_reduction_are_zeros_and_mismatches_are_errors() -> Result<()> {
+        let none: [f32; 0] = [];
+        let (lhs, rhs) = (
+            MatRef::row_major(&none, 3, 0),
+            MatRef::row_major(&none, 0, 2),
+        );
+        assert_eq!(matmul_new(lhs, rhs)?, vec![0.0; 6]);
+        let a = [1.0f32; 6];
+        let err = matmul_new(MatRef::row_major(&a, 2, 3), MatRef::row_major(&a, 2, 3))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("shape mismatch (2x3) * (2x3)"), "{err}");
         Ok(())
     }
 
@@ -658,8 +728,10 @@ mod tests {
         })?;
         assert_eq!(values, [1.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, 0.0]);
         assert_eq!(firsts, [(0, 4), (1, 4), (2, 2)]);
-        assert!(build_in_chunks(0, 4, |_, _| Ok(()))?.0.is_empty());
-        let failing = build_in_chunks(8, 2, |index, _| match index {
+        assert!(build_in_chunks(0, 4, |_, _: &mut [f32]| Ok(()))?
+            .0
+            .is_empty());
+        let failing = build_in_chunks(8, 2, |index, _: &mut [f32]| match index {
             2 => candle_core::bail!("chunk {index}"),
             _ => Ok(()),
         });

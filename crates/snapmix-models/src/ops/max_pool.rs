@@ -6,7 +6,7 @@
 //! padding acting as -inf). Other devices use an exact composition of candle ops (window stack
 //! -> argmax -> gather) with the same semantics.
 
-use super::cpu::filled;
+use super::cpu::{build_in_chunks, filled};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
@@ -419,23 +419,21 @@ fn scatter_to_argmax(input: &Tensor, grad_out: &Tensor, argmax: &[u32]) -> Resul
             argmax.len()
         );
     }
-    fn scatter<T: WithDType>(
+    fn scatter<T: WithDType + Default>(
         grad_out: &[T],
         argmax: &[u32],
         planes: usize,
         (plane_in, plane_out): (usize, usize),
-    ) -> Vec<T> {
-        let mut grad_in = filled(planes * plane_in, T::zero());
-        grad_in
-            .par_chunks_mut(plane_in.max(1))
-            .zip(grad_out.par_chunks(plane_out.max(1)))
-            .zip(argmax.par_chunks(plane_out.max(1)))
-            .for_each(|((grad_in, grad_out), argmax)| {
-                for (&g, &index) in grad_out.iter().zip(argmax) {
-                    grad_in[index as usize] += g;
-                }
-            });
-        grad_in
+    ) -> Result<Vec<T>> {
+        // Each plane's gradient zeroed and scattered into by one task, in its core's cache.
+        let (grad_in, _) = build_in_chunks(planes * plane_in, plane_in, |plane, grad_in| {
+            let outputs = plane * plane_out..(plane + 1) * plane_out;
+            for (&g, &index) in grad_out[outputs.clone()].iter().zip(&argmax[outputs]) {
+                grad_in[index as usize] += g;
+            }
+            Ok(())
+        })?;
+        Ok(grad_in)
     }
     let planes = input.elem_count() / plane_in.max(1);
     let sizes = (plane_in, plane_out);
@@ -446,21 +444,23 @@ fn scatter_to_argmax(input: &Tensor, grad_out: &Tensor, argmax: &[u32]) -> Resul
     let shape = input.shape();
     match storage.dtype() {
         DType::F32 => {
-            let grad_in = scatter::<f32>(contiguous_slice(storage, layout)?, argmax, planes, sizes);
+            let grad_in =
+                scatter::<f32>(contiguous_slice(storage, layout)?, argmax, planes, sizes)?;
             Tensor::from_vec(grad_in, shape, &Device::Cpu)
         }
         DType::F64 => {
-            let grad_in = scatter::<f64>(contiguous_slice(storage, layout)?, argmax, planes, sizes);
+            let grad_in =
+                scatter::<f64>(contiguous_slice(storage, layout)?, argmax, planes, sizes)?;
             Tensor::from_vec(grad_in, shape, &Device::Cpu)
         }
         DType::F16 => {
             let grad_in =
-                scatter::<half::f16>(contiguous_slice(storage, layout)?, argmax, planes, sizes);
+                scatter::<half::f16>(contiguous_slice(storage, layout)?, argmax, planes, sizes)?;
             Tensor::from_vec(grad_in, shape, &Device::Cpu)
         }
         DType::BF16 => {
             let grad_in =
-                scatter::<half::bf16>(contiguous_slice(storage, layout)?, argmax, planes, sizes);
+                scatter::<half::bf16>(contiguous_slice(storage, layout)?, argmax, planes, sizes)?;
             Tensor::from_vec(grad_in, shape, &Device::Cpu)
         }
         other => bail!("max_pool2d backward: unsupported dtype {other:?}"),
