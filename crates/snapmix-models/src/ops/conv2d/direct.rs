@@ -236,19 +236,27 @@ impl FlatLayout {
                 for (a, dst) in plane.chunks_exact_mut(row_len).enumerate() {
                     // Phase row `a` is padded row `2a + row_phase`, its value `b` padded
                     // column `2b + col_phase`.
-                    match (2 * a + row_phase).checked_sub(pad).filter(|&r| r < rows) {
-                        None => dst.fill(0.0),
-                        Some(r) => {
-                            let src = &src[r * cols..][..cols];
-                            for (b, value) in dst.iter_mut().enumerate() {
-                                *value = (2 * b + col_phase)
-                                    .checked_sub(pad)
-                                    .and_then(|c| src.get(c))
-                                    .copied()
-                                    .unwrap_or(0.0);
-                            }
-                        }
+                    let Some(r) = (2 * a + row_phase).checked_sub(pad).filter(|&r| r < rows) else {
+                        dst.fill(0.0);
+                        continue;
+                    };
+                    // Values `first..` read image columns `2b + col_phase - pad` from
+                    // `first_col`, every other one, while they lie in the image.
+                    let first = pad.saturating_sub(col_phase).div_ceil(2);
+                    let first_col = 2 * first + col_phase - pad;
+                    let values = (cols.saturating_sub(first_col))
+                        .div_ceil(2)
+                        .min(row_len.saturating_sub(first));
+                    let (head, rest) = dst.split_at_mut(first.min(row_len));
+                    let (inside, tail) = rest.split_at_mut(values);
+                    head.fill(0.0);
+                    for (value, &x) in inside
+                        .iter_mut()
+                        .zip(src[r * cols + first_col.min(cols)..][..].iter().step_by(2))
+                    {
+                        *value = x;
                     }
+                    tail.fill(0.0);
                 }
             }
         }
