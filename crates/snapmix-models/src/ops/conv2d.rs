@@ -3,8 +3,8 @@
 
 use super::batch_norm::PlaneMoments;
 use super::cpu::{
-    add_assign, build_in_chunks, cpu_tensor, filled, matmul, matmul_new, matmul_serial,
-    min_planes_per_task, storage_f32, transposed_sum, with_tensor_f32, MatRef, Scratch,
+    add_assign, build_in_chunks, cpu_tensor, matmul, matmul_new, matmul_serial,
+    min_planes_per_task, storage_f32, transposed_sum, with_tensor_f32, zeros, MatRef, Scratch,
 };
 use candle_core::{bail, CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -487,7 +487,7 @@ impl InputGradient {
     fn buffer(self, len: usize) -> Result<Option<(Vec<f32>, bool)>> {
         Ok(match self {
             Self::Skip => None,
-            Self::New => Some((filled(len, 0.0), false)),
+            Self::New => Some((zeros(len), false)),
             Self::AddTo(buffer) if buffer.len() == len => Some((buffer, true)),
             Self::AddTo(buffer) => return Self::wrong_length(&buffer, len),
         })

@@ -79,7 +79,7 @@ pub(crate) fn transposed_sum<P: Deref<Target = [f32]> + Sync>(
             part.len()
         );
     }
-    let mut dst = filled(rows * cols, 0.0);
+    let mut dst = zeros(rows * cols);
     if dst.is_empty() {
         return Ok(dst);
     }
@@ -103,24 +103,26 @@ pub(crate) fn transposed_sum<P: Deref<Target = [f32]> + Sync>(
     Ok(dst)
 }
 
-/// A new vector of `len` copies of `value`, written by all threads: a serial `vec![0.0; len]` of
-/// a few MB before a parallel kernel was one thread's time alone (perf: 5-6% of a ResNet-18
-/// step, mostly zeroed outputs and gradients).
-pub(crate) fn filled<T: Copy + Send + Sync>(len: usize, value: T) -> Vec<T> {
+/// A new vector of `len` zeros (`T::default()`), written by all threads: a serial
+/// `vec![0.0; len]` of a few MB before a parallel kernel was one thread's time alone (perf:
+/// 5-6% of a ResNet-18 step, mostly zeroed outputs and gradients).
+pub(crate) fn zeros<T: Copy + Default + Send + Sync>(len: usize) -> Vec<T> {
     /// Values per task: 64 KiB of f32s, large enough that a task outlasts its scheduling.
     const CHUNK: usize = 1 << 14;
     let mut values = Vec::with_capacity(len);
     values.spare_capacity_mut()[..len]
         .par_chunks_mut(CHUNK)
-        .for_each(|chunk| chunk.fill(MaybeUninit::new(value)));
+        .for_each(|chunk| {
+            zeroed(chunk);
+        });
     // SAFETY: the capacity is at least `len` and the loop above initialised all `len` values.
     unsafe { values.set_len(len) };
     values
 }
 
 /// A new `len`-long vector written on all threads in `chunk`-long chunks by `fill(index,
-/// chunk)`, each chunk zeroed (`T::default()`) just before by the task that fills it (in that core's cache: no
-/// pass over the whole buffer first), and `fill`'s results in chunk order.
+/// chunk)`, each chunk zeroed (`T::default()`) just before by the task that fills it (in that
+/// core's cache: no pass over the whole buffer first), and `fill`'s results in chunk order.
 pub(crate) fn build_in_chunks<T: Copy + Default + Send + Sync, R: Send>(
     len: usize,
     chunk: usize,
@@ -130,17 +132,19 @@ pub(crate) fn build_in_chunks<T: Copy + Default + Send + Sync, R: Send>(
     let results = values.spare_capacity_mut()[..len]
         .par_chunks_mut(chunk.max(1))
         .enumerate()
-        .map(|(index, chunk)| {
-            chunk.fill(MaybeUninit::new(T::default()));
-            // SAFETY: every value of `chunk` was initialised just above.
-            let chunk = unsafe { &mut *(chunk as *mut [MaybeUninit<T>] as *mut [T]) };
-            fill(index, chunk)
-        })
+        .map(|(index, chunk)| fill(index, zeroed(chunk)))
         .collect::<Result<Vec<R>>>()?;
     // SAFETY: `collect` returned Ok, so it ran every chunk of the first `len` values, each
-    // initialised above.
+    // initialised by `zeroed`.
     unsafe { values.set_len(len) };
     Ok((values, results))
+}
+
+/// `chunk` filled with `T::default()`, as the initialised slice it now is.
+fn zeroed<T: Copy + Default>(chunk: &mut [MaybeUninit<T>]) -> &mut [T] {
+    chunk.fill(MaybeUninit::new(T::default()));
+    // SAFETY: every value of `chunk` was initialised just above.
+    unsafe { &mut *(chunk as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
 /// Image planes (one channel of one image, `pixels` values) per rayon task in the elementwise
@@ -190,7 +194,7 @@ impl Scratch {
         });
         if buffer.len() < len {
             // Zeroed once, on all threads; later takes of this size reuse it as it is.
-            buffer = filled(len, 0.0);
+            buffer = zeros(len);
         }
         Self { buffer, len }
     }
@@ -721,14 +725,16 @@ mod tests {
     }
 
     #[test]
-    fn filled_vectors_hold_the_value_everywhere() {
-        // Empty, shorter than a task's chunk, and ending in a partial chunk.
+    fn zeros_everywhere_on_all_threads() {
+        // Empty, shorter than a task's chunk, and ending in a partial chunk; over a buffer that
+        // held other values, as the allocator's recycled memory does.
+        drop(vec![2.5f32; 3 * (1 << 14) + 7]);
         for len in [0, 5, 3 * (1 << 14) + 7] {
-            let values = filled(len, 2.5f32);
+            let values = zeros::<f32>(len);
             assert_eq!(values.len(), len);
-            assert!(values.iter().all(|&v| v == 2.5));
+            assert!(values.iter().all(|&v| v == 0.0));
         }
-        assert_eq!(filled(3, 7u32), vec![7, 7, 7]);
+        assert_eq!(zeros::<u32>(3), vec![0, 0, 0]);
     }
 
     #[test]

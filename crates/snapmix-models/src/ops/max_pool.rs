@@ -6,7 +6,7 @@
 //! padding acting as -inf). Other devices use an exact composition of candle ops (window stack
 //! -> argmax -> gather) with the same semantics.
 
-use super::cpu::{build_in_chunks, filled};
+use super::cpu::{build_in_chunks, zeros};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
@@ -319,7 +319,7 @@ impl<T> ColumnBest<T> {
 }
 
 /// The pooled output and, per output, its argmax's index in its plane.
-fn pool_forward<T: WithDType>(
+fn pool_forward<T: WithDType + Default>(
     pool: MaxPool2d,
     storage: &CpuStorage,
     layout: &Layout,
@@ -331,8 +331,8 @@ fn pool_forward<T: WithDType>(
         bail!("max_pool2d: planes of {plane_in} pixels are too large");
     }
     let plane_out = geometry.out_rows * geometry.out_cols;
-    let mut output = filled(planes * plane_out, T::zero());
-    let mut argmax = filled(planes * plane_out, 0u32);
+    let mut output = zeros(planes * plane_out);
+    let mut argmax = zeros::<u32>(planes * plane_out);
     output
         .par_chunks_mut(plane_out.max(1))
         .zip(argmax.par_chunks_mut(plane_out.max(1)))

@@ -3,7 +3,7 @@
 //! `[C, pixels * N]`, where the output pixels a tap sees inside the image are contiguous runs of
 //! columns. im2col multiplies the zero padding too: 5/9 of its work on a 2x2 map, 3/10 on 4x4.
 
-use super::super::cpu::{filled, matmul_serial_into_block, min_planes_per_task, MatRef, Scratch};
+use super::super::cpu::{matmul_serial_into_block, min_planes_per_task, zeros, MatRef, Scratch};
 use super::ConvGeometry;
 use candle_core::Result;
 use rayon::prelude::*;
@@ -306,7 +306,7 @@ fn to_pixel_major(src: &[f32], batch: usize, channels: usize, pixels: usize) -> 
 
 /// Pixel-major `[C, P, N]` -> a new NCHW `[N, C, P]` buffer.
 fn from_pixel_major(src: &[f32], batch: usize, channels: usize, pixels: usize) -> Vec<f32> {
-    let mut dst = filled(batch * channels * pixels, 0.0);
+    let mut dst = zeros(batch * channels * pixels);
     write_from_pixel_major(src, batch, channels, pixels, &mut dst, false);
     dst
 }
