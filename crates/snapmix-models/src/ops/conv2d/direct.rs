@@ -64,11 +64,12 @@ pub(super) fn forward_images<R: Send>(
 ) -> Result<(Vec<f32>, Vec<R>)> {
     let layout = FlatLayout::new(g.rows, g.cols, g.kernel_rows, g.stride);
     let packed = PackedWeights::forward(weight, g.out_channels, g.in_channels, layout.taps());
+    let plan = Plan::new(layout, packed);
     let image_len = g.in_channels * g.image_pixels();
     let out_len = g.out_channels * g.out_pixels();
     build_in_chunks(g.batch * out_len, out_len, |n, out| {
         let image = &x[n * image_len..][..image_len];
-        convolve_image(Kernel::best(), layout, image, &packed, out, false);
+        plan.convolve_image(Kernel::best(), image, out, false);
         Ok(then(out))
     })
 }
@@ -87,32 +88,46 @@ pub(super) fn input_gradient(
     let layout = FlatLayout::new(g.rows, g.cols, g.kernel_rows, 1);
     let packed =
         PackedWeights::input_gradient(weight, g.out_channels, g.in_channels, layout.taps());
+    let plan = Plan::new(layout, packed);
     let (image_len, out_len) = (
         g.in_channels * g.image_pixels(),
         g.out_channels * g.out_pixels(),
     );
     target.write_in_chunks(g.batch * image_len, image_len, |n, grad_x, accumulate| {
         let grad = &grad_out[n * out_len..][..out_len];
-        convolve_image(Kernel::best(), layout, grad, &packed, grad_x, accumulate);
+        plan.convolve_image(Kernel::best(), grad, grad_x, accumulate);
         Ok(())
     })
 }
 
-/// One image `[C, rows*cols]` convolved into `out` `[O, out_rows*out_cols]` (or added to it).
-fn convolve_image(
-    kernel: Kernel,
+/// One conv as the micro-kernel runs it, the same for every image: the layout of its input
+/// planes, where each packed weight row's tap reads them, and the packed weights.
+struct Plan {
     layout: FlatLayout,
-    image: &[f32],
-    weights: &PackedWeights,
-    out: &mut [f32],
-    accumulate: bool,
-) {
-    let offsets = layout.tap_offsets(weights.in_channels);
-    let mut padded = Scratch::take(layout.padded_len(weights.in_channels, &offsets));
-    layout.pad(image, weights.in_channels, &mut padded);
-    let mut flat = Scratch::take(weights.rounded_out_channels() * layout.out_stride());
-    convolve(kernel, layout, &padded, &offsets, weights, &mut flat);
-    layout.unpad(&flat, weights.out_channels, out, accumulate);
+    offsets: Vec<usize>,
+    weights: PackedWeights,
+}
+
+impl Plan {
+    fn new(layout: FlatLayout, weights: PackedWeights) -> Self {
+        Self {
+            offsets: layout.tap_offsets(weights.in_channels),
+            layout,
+            weights,
+        }
+    }
+
+    /// One image `[C, rows*cols]` convolved into `out` `[O, out_rows*out_cols]` (or added to
+    /// it).
+    fn convolve_image(&self, kernel: Kernel, image: &[f32], out: &mut [f32], accumulate: bool) {
+        let (layout, weights) = (self.layout, &self.weights);
+        let in_channels = weights.in_channels;
+        let mut padded = Scratch::take(layout.padded_len(in_channels, &self.offsets));
+        layout.pad(image, in_channels, &mut padded);
+        let mut flat = Scratch::take(weights.rounded_out_channels() * layout.out_stride());
+        convolve(kernel, layout, &padded, &self.offsets, weights, &mut flat);
+        layout.unpad(&flat, weights.out_channels, out, accumulate);
+    }
 }
 
 /// The flat padded layout of one conv's `rows x cols` input planes (see the module docs): a
@@ -636,17 +651,17 @@ mod tests {
             let image = uniform(&mut rng, c * rows * cols);
             let weight = uniform(&mut rng, o * c * k * k);
             let want = reference(&image, &weight, o, layout);
-            let packed = PackedWeights::forward(&weight, o, c, layout.taps());
+            let plan = Plan::new(layout, PackedWeights::forward(&weight, o, c, layout.taps()));
             for kernel in kernels {
                 let case = format!("{kernel:?} o{o} c{c} {rows}x{cols} k{k} s{stride}");
                 let mut out = vec![f32::NAN; want.len()];
-                convolve_image(kernel, layout, &image, &packed, &mut out, false);
+                plan.convolve_image(kernel, &image, &mut out, false);
                 let err = max_rel_err(&out, &want);
                 assert!(err < 1e-5, "{case}: {err}");
 
                 // Accumulating adds the same values onto what is there.
                 let mut sum = vec![1.0; want.len()];
-                convolve_image(kernel, layout, &image, &packed, &mut sum, true);
+                plan.convolve_image(kernel, &image, &mut sum, true);
                 let plus_one: Vec<f32> = want.iter().map(|v| v + 1.0).collect();
                 assert!(max_rel_err(&sum, &plus_one) < 1e-5, "{case} accumulated");
             }
