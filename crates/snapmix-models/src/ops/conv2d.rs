@@ -422,9 +422,6 @@ fn backward_per_image(
         .collect::<Result<Vec<_>>>()?;
     let grad_w = layout.sum_as_oihw(&partials)?;
 
-    if matches!(input_grad, InputGradient::Skip) {
-        return Ok((None, grad_w));
-    }
     if direct::applies_input_gradient(g) {
         return Ok((
             direct::input_gradient(g, weight, grad_out, input_grad)?,
