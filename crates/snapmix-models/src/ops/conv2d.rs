@@ -1205,11 +1205,21 @@ mod tests {
     #[test]
     fn the_image_batch_gets_no_gradient() -> Result<()> {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let images = random(&mut rng, &[2, 3, 8, 8], 0.0)?;
-        let w = Var::from_tensor(&random(&mut rng, &[4, 3, 3, 3], 0.0)?)?;
-        let grads = conv2d(&images, &w, 1, 1)?.sum_all()?.backward()?;
-        assert!(grads.get(&images).is_none());
-        assert!(grads.get(&w).is_some());
+        // Batch-wide (64 output pixels), per-image and direct (256, 16 columns), per-image
+        // strided (64 x 64 at stride 2: 1024).
+        for (x_dims, w_dims, stride) in [
+            ([2, 3, 8, 8], [4, 3, 3, 3], 1),
+            ([2, 3, 16, 16], [4, 3, 3, 3], 1),
+            ([2, 3, 64, 64], [4, 3, 7, 7], 2),
+        ] {
+            let images = random(&mut rng, &x_dims, 0.0)?;
+            let w = Var::from_tensor(&random(&mut rng, &w_dims, 0.0)?)?;
+            let padding = w_dims[2] / 2;
+            let grads =
+                on_two_threads(|| conv2d(&images, &w, stride, padding)?.sum_all()?.backward())?;
+            assert!(grads.get(&images).is_none(), "{x_dims:?}");
+            assert!(grads.get(&w).is_some());
+        }
         Ok(())
     }
 
