@@ -1037,6 +1037,8 @@ mod tests {
             check([5, 4, 12, 12], [6, 4, 3, 3], 1, 1)?; // 3x3, partials of 4 + 1
             check([2, 4, 30, 28], [5, 4, 3, 3], 2, 1)?; // strided 3x3 (direct forward too)
             check([2, 3, 34, 30], [4, 3, 7, 7], 2, 3)?; // stem (direct forward with AVX-512)
+            check([2, 3, 33, 31], [13, 3, 7, 7], 2, 3)?; // the same on odd sizes, 12 + 4 channels
+            check([3, 5, 27, 29], [6, 5, 3, 3], 2, 1)?; // strided 3x3 on odd sizes
 
             // Direct 3x3 convs (stride 1, at least 14 columns; with AVX-512): channel blocks
             // 12 + 4 forward and 8 (5 rounded up) for the input gradient, and 12 + 12.
