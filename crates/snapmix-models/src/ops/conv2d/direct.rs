@@ -450,11 +450,13 @@ fn convolve(
             unsafe {
                 kernel.block(
                     block,
-                    padded.as_ptr().add(first_pixel),
-                    offsets,
-                    weights.values.as_ptr().add(first * offsets.len()),
-                    flat.as_mut_ptr().add(first * stride + first_pixel),
-                    stride,
+                    Block {
+                        input: padded.as_ptr().add(first_pixel),
+                        offsets,
+                        weights: weights.values.as_ptr().add(first * offsets.len()),
+                        out: flat.as_mut_ptr().add(first * stride + first_pixel),
+                        out_stride: stride,
+                    },
                 );
             }
         }
@@ -484,43 +486,40 @@ impl Kernel {
     /// # Safety
     /// Those reads and writes must be in bounds, `channels` one of 4, 8 or 12, and `Avx512`
     /// only chosen where the CPU has it ([`Kernel::best`]).
-    unsafe fn block(
-        self,
-        channels: usize,
-        input: *const f32,
-        offsets: &[usize],
-        weights: *const f32,
-        out: *mut f32,
-        out_stride: usize,
-    ) {
+    unsafe fn block(self, channels: usize, call: Block) {
         match self {
-            Self::Portable => portable_block(channels, input, offsets, weights, out, out_stride),
+            Self::Portable => portable_block(channels, call),
             #[cfg(target_arch = "x86_64")]
             Self::Avx512 => match channels {
-                12 => avx512::block::<12>(input, offsets, weights, out, out_stride),
-                8 => avx512::block::<8>(input, offsets, weights, out, out_stride),
-                _ => avx512::block::<4>(input, offsets, weights, out, out_stride),
+                12 => avx512::block::<12>(call),
+                8 => avx512::block::<8>(call),
+                _ => avx512::block::<4>(call),
             },
         }
     }
+}
+
+/// Where one micro-kernel call reads and writes: `input` at each of the taps' `offsets`, the
+/// block's `weights` (`[tap][channel]`), and `out`, one row of positions per channel,
+/// `out_stride` apart.
+#[derive(Clone, Copy)]
+struct Block<'a> {
+    input: *const f32,
+    offsets: &'a [usize],
+    weights: *const f32,
+    out: *mut f32,
+    out_stride: usize,
 }
 
 /// [`Kernel::block`] in plain Rust.
 ///
 /// # Safety
 /// As [`Kernel::block`].
-unsafe fn portable_block(
-    channels: usize,
-    input: *const f32,
-    offsets: &[usize],
-    weights: *const f32,
-    out: *mut f32,
-    out_stride: usize,
-) {
+unsafe fn portable_block(channels: usize, call: Block) {
     let mut acc = [[0.0f32; PIXEL_BLOCK]; CHANNEL_BLOCK];
-    let mut w = weights;
-    for &offset in offsets {
-        let src = input.add(offset);
+    let mut w = call.weights;
+    for &offset in call.offsets {
+        let src = call.input.add(offset);
         for acc in &mut acc[..channels] {
             let weight = *w;
             w = w.add(1);
@@ -530,13 +529,13 @@ unsafe fn portable_block(
         }
     }
     for (i, acc) in acc[..channels].iter().enumerate() {
-        std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add(i * out_stride), PIXEL_BLOCK);
+        std::ptr::copy_nonoverlapping(acc.as_ptr(), call.out.add(i * call.out_stride), PIXEL_BLOCK);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::PIXEL_VECTORS;
+    use super::{Block, PIXEL_VECTORS};
     use std::arch::x86_64::*;
 
     /// [`super::Kernel::block`] for `CHANNELS` output channels: `CHANNELS x PIXEL_VECTORS`
@@ -548,13 +547,14 @@ mod avx512 {
     /// # Safety
     /// As [`super::Kernel::block`]; the CPU must have AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block<const CHANNELS: usize>(
-        input: *const f32,
-        offsets: &[usize],
-        weights: *const f32,
-        out: *mut f32,
-        out_stride: usize,
-    ) {
+    pub(super) unsafe fn block<const CHANNELS: usize>(call: Block) {
+        let Block {
+            input,
+            offsets,
+            weights,
+            out,
+            out_stride,
+        } = call;
         let mut acc = [[_mm512_setzero_ps(); PIXEL_VECTORS]; CHANNELS];
         let mut w = weights;
         for &offset in offsets {
